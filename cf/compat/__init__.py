@@ -1,0 +1,1 @@
+"""Compatibility shims installed into the environment by `make install`."""

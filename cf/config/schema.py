@@ -1,0 +1,196 @@
+"""The one default config. Presets and methods in `experiments/` hold only differences from it.
+
+Every default lives here and nowhere else: code reads `cfg.section.key`, never
+`getattr(cfg, key, default)`, so a typo fails instead of silently using a default.
+Sizes are in *latent frames* (the unit the model and the cache count in); in the embedded
+world a latent frame is one pixel frame (there is no VAE), at Wan scale it stands for 4 video
+frames (`model.video_frames_per_latent`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataConfig:
+    source: str = "world"  # world | folder (registry: cf.data.DATA_SOURCES)
+    folder: str | None = None  # a folder of mp4/webm/gif when source=folder
+    skip_bad_files: bool = False  # folder: skip unreadable videos (reported) instead of failing
+    height: int = 32
+    width: int = 32
+    fps: int = 8  # frames per second of world time; turns seconds into frames everywhere
+    clip_frames: int = 16  # frames per training clip
+    batch_size: int = 8
+    num_workers: int = 0
+    seed: int = 0  # training stream seed; held-out evaluation uses `eval_seed` onward
+    eval_seed: int = 1_000_000
+    # --- the synthetic world (cf/data/world.py) ---
+    pano_frames: float = 4.0  # panorama width in frame widths
+    texture: str = "mixed"  # procedural | photo | mixed (photos ship with scikit-image)
+    n_landmarks: int = 6
+    n_subjects: int = 2
+    camera_speed: float = 4.0  # pixels per frame
+    camera_path: str = "pingpong"  # pingpong | random | revisit (registry: cf.data.world.CAMERA_PATHS)
+    revisit_lags: list[int] = field(default_factory=lambda: [8, 16, 32, 48])
+
+
+@dataclass
+class ModelConfig:
+    channels: int = 3  # channels of a (latent) frame: 3 for pixels, 16 for Wan's VAE latents
+    patch_size: int = 8  # spatial patch; temporal patch is 1 latent frame
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    ffn_dim: int = 512
+    frames_per_chunk: int = 2  # latent frames generated per rollout chunk
+    video_frames_per_latent: int = 1  # 4 for Wan's VAE; only used to report video FPS
+    prediction: str = "x0"  # x0 | velocity
+    positions: str = "world"  # world (panorama coordinates from the camera) | frame
+    text_encoder: str = "learned"  # learned | minilm | none
+    text_tokens: int = 8  # prompt length in tokens for the learned encoder
+    vocab_size: int = 512
+    text_dim: int = 384  # width of the text features fed to the model (minilm: 384)
+    camera: bool = True  # condition on the per-frame camera position
+    qk_norm: bool = True
+    rope_theta: float = 10000.0
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 | fp64
+    compile: bool = False
+    attention_backend: str = "auto"  # auto | math | flash | efficient | cudnn (SDPA kernels)
+
+
+@dataclass
+class MemoryConfig:
+    policy: str = "slowfast"  # full | sliding | sink | slowfast (registry: cf.memory.POLICIES)
+    sink_frames: int = 2  # N_s: attention sink (sink, slowfast)
+    window_frames: int = 4  # last W frames (sliding, sink) = fast FIFO N_l (slowfast)
+    slow_frames: int = 4  # N_c: slow memory capacity (slowfast)
+    tau: float = 0.95  # promote when cosine(mean key, last promoted) < tau
+    promotion: str = "similarity"  # similarity | uniform
+    promote_every: int = 2  # consolidation checked every k chunks
+    promote_after: int = 4  # no promotion before this latent frame (paper: 6)
+    bounded_positions: bool = True  # RoPE time index stays in [0, N_s + N_c + N_l)
+
+
+@dataclass
+class DiffusionConfig:
+    num_timesteps: int = 1000
+    prediction_eps: float = 1e-4
+    train_shift: float = 3.0  # timestep sampling shift for teacher training
+    sample_shift: float = 3.0  # sigma-schedule shift for the teacher's multi-step sampler
+    teacher_steps: int = 12
+    student_timesteps: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
+    student_shift: float = 5.0  # warp of the student's timesteps
+    cfg_scale: float = 1.0  # classifier-free guidance of the teacher at sampling time
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    max_minutes: float | None = None  # wall-clock cap per stage (stops cleanly, checkpoint kept)
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | constant
+    grad_clip: float = 1.0
+    ema: float = 0.999  # 0 disables the EMA copy
+    accelerator: str = "auto"  # auto | cpu | gpu
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | fsdp
+    precision: str = "auto"  # auto | 32-true | bf16-mixed | 16-mixed | 64-true
+    log_every: int = 10
+    ckpt_every: int = 100
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+
+
+@dataclass
+class TeacherConfig:
+    context_frames: int = 16  # longest history the teacher is trained with (the knob)
+    min_context_frames: int = 0
+    target_chunks: int = 1  # target window, bidirectional inside
+    cond_drop: float = 0.1  # classifier-free guidance dropout of text and camera
+
+
+@dataclass
+class ErftConfig:
+    enabled: bool = True
+    steps: int = 300
+    bins: int = 50  # timestep bins of the residual bank
+    bank_size: int = 500  # entries per bin; full bin replaces its nearest entry (L2)
+    p_history: float = 0.9
+    p_target: float = 0.9
+    p_noise: float = 0.01
+    p_clean: float = 0.5  # fraction of samples left unperturbed
+    collect_every: int = 1
+
+
+@dataclass
+class StudentConfig:
+    steps: int = 200
+    ode_pairs: int = 64  # teacher ODE trajectories sampled for the student's initialisation
+    rollout_chunks: int = 4
+
+
+@dataclass
+class CdmdConfig:
+    stage1_steps: int = 200
+    stage2_steps: int = 200
+    critic_lr: float = 2e-4
+    generator_lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
+    critic_ratio: int = 5  # critic updates per generator update
+    ema: float = 0.99
+    dmd_shift: float = 5.0
+    t_min: int = 20
+    t_max: int = 980
+    cfg_stage1: float = 3.0
+    cfg_stage2: float = 5.0
+    short_chunks: int = 4  # stage 1 rollout (teacher-length)
+    long_chunks_start: int = 8  # stage 2 curriculum: max rollout grows linearly ...
+    long_chunks_end: int = 12  # ... to this over stage2_steps
+    teacher_history: str = "policy"  # policy (full history through memory) | window (last window)
+    stage2: bool = True
+
+
+@dataclass
+class BenchConfig:
+    seconds: float = 60.0
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    segment_s: float = 10.0  # first-frame consistency segments (paper: 10 s)
+    backbone: str = "imagenet"  # pixels | imagenet | dino | dinov2 | clip | random (tests only)
+    weights: str | None = None  # local weight file or cache dir for dino/dinov2/clip/lpips
+    lpips: bool = True
+    context_factor: float = 1.5  # effective context: largest lag with error <= factor * short-lag error
+    methods: list[str] = field(default_factory=lambda: ["context_forcing"])
+    policies: list[str] = field(default_factory=lambda: ["slowfast"])
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project
+    experiment: str = "cf"
+    ablation: str = ""
+    run_name: str | None = None
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    method: str = "context_forcing"
+    seed: int = 0
+    out: str = "runs"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    erft: ErftConfig = field(default_factory=ErftConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    cdmd: CdmdConfig = field(default_factory=CdmdConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -1,0 +1,194 @@
+"""Video files and pictures: write mp4/webm/gif, read any of them, contact sheets.
+
+Conventions: on disk and in numpy a video is uint8 ``[T, H, W, 3]``; inside models it is float
+``[T, C, H, W]`` (or ``[B, F, C, H, W]``) in ``[-1, 1]``. `to_uint8` converts the second to the
+first. Every write is atomic (a crash never leaves a half-written file), and every read failure
+raises `VideoReadError` naming the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cf.errors import CfError, VideoReadError
+from cf.utils import atomic_path
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".gif", ".mkv", ".mov", ".avi")
+
+
+def to_uint8(video) -> np.ndarray:
+    """float ``[T, C, H, W]`` in [-1, 1] (torch or numpy) -> uint8 ``[T, H, W, 3]``.
+
+    One channel is repeated to grey; more than three (latents) shows the first three.
+    A uint8 ``[T, H, W, 3]`` array passes through unchanged.
+    """
+    if hasattr(video, "detach"):
+        video = video.detach().float().cpu().numpy()
+    video = np.asarray(video)
+    if video.dtype == np.uint8 and video.ndim == 4 and video.shape[-1] == 3:
+        return video
+    if video.ndim != 4:
+        raise CfError(f"expected a video [T, C, H, W], got shape {tuple(video.shape)}")
+    c = video.shape[1]
+    if c == 1:
+        video = np.repeat(video, 3, axis=1)
+    elif c > 3:
+        video = video[:, :3]
+    elif c != 3:
+        raise CfError(f"cannot show a video with {c} channels; expected 1, 3 or more")
+    out = np.clip((video.transpose(0, 2, 3, 1) + 1.0) * 127.5 + 0.5, 0, 255)
+    return out.astype(np.uint8)
+
+
+def to_float(frames: np.ndarray):
+    """uint8 ``[T, H, W, 3]`` -> torch float ``[T, 3, H, W]`` in [-1, 1]."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def write_video(path: str | Path, video, fps: float, *, crf: int = 10, scale: int = 1) -> Path:
+    """Write mp4/webm (PyAV) or gif (Pillow), atomically. `scale` enlarges with nearest neighbour
+    (a 32x32 world frame is unreadable at its own size). mp4 uses H.264 yuv420p, so it plays
+    everywhere but is slightly lossy: score exact pixel questions on the gif or the arrays.
+    """
+    path = Path(path)
+    frames = to_uint8(video)
+    if scale > 1:
+        frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+    suffix = path.suffix.lower()
+    with atomic_path(path) as tmp:
+        if suffix == ".gif":
+            _write_gif(tmp, frames, fps)
+        elif suffix in (".mp4", ".webm", ".mkv", ".mov"):
+            _write_av(tmp, frames, fps, crf, "libvpx-vp9" if suffix == ".webm" else "libx264", suffix)
+        else:
+            raise CfError(f"cannot write {str(path)!r}: unknown video suffix {suffix!r}; use .mp4, .webm or .gif")
+    return path
+
+
+def _write_av(path: Path, frames: np.ndarray, fps: float, crf: int, codec: str, suffix: str) -> None:
+    import av
+
+    t, h, w, _ = frames.shape
+    if h % 2 or w % 2:  # yuv420p needs even sides
+        frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    fmt = {".mp4": "mp4", ".webm": "webm", ".mkv": "matroska", ".mov": "mov"}[suffix]
+    with av.open(str(path), mode="w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=int(round(fps)))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        # one thread: the same frames always give the same bytes
+        stream.options = {"crf": str(crf), "threads": "1"} if codec == "libx264" else {"crf": str(crf), "b": "0"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _write_gif(path: Path, frames: np.ndarray, fps: float) -> None:
+    from PIL import Image
+
+    # One global palette and no dithering: equal input pixels always map to equal palette entries,
+    # so a revisit that is exact in the arrays stays exact in the gif.
+    stack = Image.fromarray(frames.reshape(-1, frames.shape[2], 3))
+    palette = stack.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    images = [Image.fromarray(f).quantize(palette=palette, dither=Image.Dither.NONE) for f in frames]
+    images[0].save(path, format="GIF", save_all=True, append_images=images[1:],
+                   duration=max(1, int(round(1000 / fps))), loop=0, optimize=False, disposal=1)
+
+
+def read_video(path: str | Path, max_frames: int | None = None) -> tuple[np.ndarray, float]:
+    """Decode a video file -> (uint8 ``[T, H, W, 3]``, fps). Raises `VideoReadError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise VideoReadError(path, "no such file")
+    if path.suffix.lower() == ".gif":
+        return _read_gif(path, max_frames)
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoReadError(path, "the file has no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0) or 8.0
+            frames = []
+            for frame in container.decode(stream):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+    except VideoReadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PyAV raises many types; all mean "unreadable"
+        raise VideoReadError(path, f"{type(e).__name__}: {e}") from None
+    if not frames:
+        raise VideoReadError(path, "it decodes to zero frames")
+    return np.stack(frames), fps
+
+
+def _read_gif(path: Path, max_frames: int | None) -> tuple[np.ndarray, float]:
+    from PIL import Image, ImageSequence
+
+    try:
+        with Image.open(path) as im:
+            duration = im.info.get("duration", 125) or 125
+            frames = []
+            for frame in ImageSequence.Iterator(im):
+                frames.append(np.asarray(frame.convert("RGB")))
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+    except Exception as e:  # noqa: BLE001
+        raise VideoReadError(path, f"{type(e).__name__}: {e}") from None
+    if not frames:
+        raise VideoReadError(path, "it decodes to zero frames")
+    return np.stack(frames), 1000.0 / duration
+
+
+def contact_sheet(
+    path: str | Path,
+    rows: Sequence[np.ndarray],
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+    scale: int = 4,
+    title: str | None = None,
+) -> Path:
+    """A PNG grid: one row per uint8 ``[T, H, W, 3]`` (or float ``[T, C, H, W]``) array.
+
+    Frames are enlarged by `scale` with nearest neighbour so pixels stay crisp.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [to_uint8(r) for r in rows]
+    n_rows, n_cols = len(rows), max(r.shape[0] for r in rows)
+    h, w = rows[0].shape[1:3]
+    fig_w = max(4.0, n_cols * w * scale / 100 + 1.5)
+    fig_h = max(1.5, n_rows * h * scale / 100 + (0.6 if title else 0.3))
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(fig_w, fig_h), squeeze=False)
+    for i, row in enumerate(rows):
+        for j in range(n_cols):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_visible(False)
+            if j < row.shape[0]:
+                ax.imshow(row[j], interpolation="nearest")
+            if j == 0 and row_labels:
+                ax.set_ylabel(row_labels[i], rotation=0, ha="right", va="center", fontsize=8)
+            if i == 0 and col_labels and j < len(col_labels):
+                ax.set_title(col_labels[j], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return Path(path)
