@@ -23,8 +23,9 @@ class DataConfig:
     clip_frames: int = 16  # frames per training clip
     batch_size: int = 8
     num_workers: int = 0
-    seed: int = 0  # training stream seed; held-out evaluation uses `eval_seed` onward
-    eval_seed: int = 1_000_000
+    seed: int = 0  # training stream seed: sample i is the world drawn from (seed, i)
+    eval_seed: int = 1_000_000  # held-out clips: the worlds drawn from (eval_seed, i)
+    eval_clips: int = 32  # how many held-out clips the DataModule serves for validation
     # --- the synthetic world (cf/data/world.py) ---
     pano_frames: float = 4.0  # panorama width in frame widths
     texture: str = "mixed"  # procedural | photo | mixed (photos ship with scikit-image)
