@@ -1,0 +1,17 @@
+"""Diffusion math: flow-matching noising, schedules, timestep warping, samplers. No nn.Module state."""
+
+from cf.diffusion.samplers import Sampler, build_sampler, euler, few_step, guide, randn_like
+from cf.diffusion.schedule import (
+    add_noise,
+    sample_sigma,
+    shift_sigma,
+    student_sigmas,
+    target,
+    teacher_sigmas,
+    to_x0,
+)
+
+__all__ = [
+    "Sampler", "add_noise", "build_sampler", "euler", "few_step", "guide", "randn_like", "sample_sigma",
+    "shift_sigma", "student_sigmas", "target", "teacher_sigmas", "to_x0",
+]

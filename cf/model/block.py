@@ -1,0 +1,43 @@
+"""One DiT block, Wan-style: per-frame adaLN-modulated self-attention and MLP, plus cross-attention."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from cf.model.attention import CrossAttention, SelfAttention
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, ffn_dim: int, qk_norm: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.attn = SelfAttention(dim, heads, qk_norm)
+        self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
+        self.cross = CrossAttention(dim, heads, qk_norm)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(ffn_dim, dim))
+        # learned offsets of the six modulation vectors (shift, scale, gate for attention and MLP)
+        self.modulation = nn.Parameter(torch.randn(6, dim) * dim**-0.5)
+
+    def forward(
+        self,
+        x: Tensor,
+        e: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        ctx: Tensor,
+        ctx_mask: Tensor,
+        read_kv: tuple[Tensor, Tensor] | None,
+        mask: Tensor | None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x [B, F, N, D]; e [B, F, 6, D] per-frame modulation from the timestep (and camera)."""
+        mod = (self.modulation + e).unsqueeze(2)  # [B, F, 1, 6, D]: one per frame, shared by its tokens
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(3)
+        a, kv = self.attn(self.norm1(x) * (1 + scale1) + shift1, cos, sin, read_kv, mask)
+        x = x + gate1 * a
+        x = x + self.cross(self.norm_cross(x), ctx, ctx_mask)
+        x = x + gate2 * self.ffn(self.norm2(x) * (1 + scale2) + shift2)
+        return x, kv
+

@@ -1,0 +1,199 @@
+"""CausalVideoDiT: a chunked causal video diffusion transformer in the shape of Wan2.1.
+
+patchify -> (+ world-position embedding) -> blocks [per-frame adaLN from the noise level (and
+camera), 3D-RoPE self-attention over (history read ; this call's frames), cross-attention to
+the prompt, MLP] -> modulated head -> unpatchify. Every size comes from the config.
+
+The model knows nothing about schedules or caches: it takes noise levels, a read of history
+and positions, and returns its prediction plus the un-rotated keys/values of the frames it
+processed, so the caller decides (explicitly, after the forward) what to write to a cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from cf.errors import CfError
+from cf.model.block import Block
+from cf.model.cond import Cond
+from cf.model.embed import patchify, sinusoid, sinusoid_2d, unpatchify
+from cf.model.read import CacheRead
+from cf.model.rope import Rope3D, angle_dtype, apply_rope
+from cf.model.text import build_text_encoder
+
+# The timestep embedding sees sigma * this, the 0..1000 range sinusoidal embeddings are made for.
+TIMESTEP_SCALE = 1000.0
+
+
+@dataclass
+class ModelOutput:
+    pred: Tensor  # [B, F, C, H, W]: x0 or velocity, per model.prediction
+    kv: list[tuple[Tensor, Tensor]]  # per layer, un-rotated (k, v) of this call's frames [B, F, N, H, Dh]
+    mean_key: Tensor  # [B, F, depth * Dh]: per layer mean of k over tokens and heads, concatenated
+
+
+def block_causal_mask(n_frames: int, chunk: int, device: torch.device | str | None = None) -> Tensor:
+    """[F, F] bool, True where frame i may attend frame j: j's chunk is not after i's."""
+    c = torch.arange(n_frames, device=device) // chunk
+    return c[None, :] <= c[:, None]
+
+
+class CausalVideoDiT(nn.Module):
+    def __init__(self, model_cfg, data_cfg):
+        super().__init__()
+        m = model_cfg
+        self.cfg = m
+        self.channels, self.patch = m.channels, m.patch_size
+        self.height, self.width = data_cfg.height, data_cfg.width
+        self.rows, self.cols = self.height // self.patch, self.width // self.patch
+        self.dim, self.heads, self.head_dim = m.dim, m.heads, m.dim // m.heads
+        self.prediction, self.positions = m.prediction, m.positions
+        patch_dim = m.channels * m.patch_size**2
+
+        self.patch_embed = nn.Linear(patch_dim, m.dim)
+        self.text_encoder = build_text_encoder(m)
+        self.text_proj = nn.Sequential(nn.Linear(m.text_dim, m.dim), nn.GELU(approximate="tanh"),
+                                       nn.Linear(m.dim, m.dim))
+        # always-present context token: guidance's null condition (and a prompt-less model)
+        # attends to it instead of to nothing
+        self.null_token = nn.Parameter(torch.randn(1, m.dim) * 0.02)
+        self.time_embed = nn.Sequential(nn.Linear(m.dim, m.dim), nn.SiLU(), nn.Linear(m.dim, m.dim))
+        self.camera_embed = (
+            nn.Sequential(nn.Linear(m.dim, m.dim), nn.SiLU(), nn.Linear(m.dim, m.dim)) if m.camera else None
+        )
+        self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(m.dim, 6 * m.dim))
+        self.blocks = nn.ModuleList(Block(m.dim, m.heads, m.ffn_dim, m.qk_norm) for _ in range(m.depth))
+        self.head_norm = nn.LayerNorm(m.dim, eps=1e-6, elementwise_affine=False)
+        self.head_modulation = nn.Parameter(torch.randn(2, m.dim) * m.dim**-0.5)
+        self.head = nn.Linear(m.dim, patch_dim)
+        self.rope = Rope3D(self.head_dim, m.rope_theta)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for mod in self.modules():
+            if isinstance(mod, nn.Linear):
+                nn.init.xavier_uniform_(mod.weight)
+                nn.init.zeros_(mod.bias)
+        # a small head: early predictions stay near 0 (the data mean) without being constant
+        nn.init.normal_(self.head.weight, std=0.02)
+
+    # ---------------------------------------------------------------- conditioning
+    def encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """Prompts -> (features [B, L, text_dim], mask [B, L] bool) on the model's device."""
+        return self.text_encoder(list(prompts))
+
+    def make_cond(self, prompts: list[str] | None, camera: Tensor | None = None,
+                  null: Tensor | None = None) -> Cond:
+        """A Cond for `prompts` (None: no text), camera [B, F, 2] and guidance mask null [B]."""
+        text, mask = self.encode_text(prompts) if prompts is not None else (None, None)
+        return Cond(text=text, text_mask=mask, camera=camera, null=null)
+
+    def _context(self, cond: Cond, b: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Cross-attention context [B, 1 + L, D] and mask [B, 1 + L]: the null token, then the text."""
+        null_tok = self.null_token.expand(b, 1, self.dim)
+        ones = torch.ones(b, 1, dtype=torch.bool, device=device)
+        if cond.text is None:
+            return null_tok, ones
+        text = self.text_proj(cond.text.to(null_tok.dtype))
+        mask = cond.text_mask if cond.text_mask is not None else torch.ones(text.shape[:2], dtype=torch.bool,
+                                                                           device=device)
+        if cond.null is not None:
+            mask = mask & ~cond.null[:, None]
+        return torch.cat([null_tok, text], dim=1), torch.cat([ones, mask], dim=1)
+
+    # ---------------------------------------------------------------- positions
+    def _spatial(self, camera: Tensor | None, f: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(y, x) of every token in patch units, in the angle dtype (never bf16: positions reach
+        the thousands): [B, F, N] from the cameras (world) or [1, F, N] (frame)."""
+        pd = angle_dtype(dtype)
+        grid = torch.arange(self.rows * self.cols, device=self.null_token.device)
+        gy, gx = (grid // self.cols).to(pd), (grid % self.cols).to(pd)
+        if self.positions == "frame":
+            return gy.expand(1, f, -1), gx.expand(1, f, -1)
+        if camera is None:
+            raise CfError("model.positions=world needs the per-frame camera (cond.camera [B, F, 2]); "
+                          "pass it, or set model.positions=frame")
+        cam = camera.to(pd) / self.patch  # [B, F, 2] (x, y)
+        return cam[..., 1:2] + gy, cam[..., 0:1] + gx
+
+    def rotate_read(self, read: CacheRead) -> CacheRead:
+        """Apply each read frame's rotary position to its cached keys once (reused over sampler steps)."""
+        if read.rotated:
+            return read
+        y, x = self._spatial(read.cameras, read.n_frames, read.k[0].dtype)
+        cos, sin = self.rope(read.positions, y, x, read.k[0].dtype)
+        return CacheRead(k=[apply_rope(k, cos, sin) for k in read.k], v=read.v, positions=read.positions,
+                         times=read.times, cameras=read.cameras, query_positions=read.query_positions,
+                         rotated=True)
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        x: Tensor,
+        sigma: Tensor,
+        cond: Cond,
+        *,
+        time_pos: Tensor,
+        read: CacheRead | None = None,
+        frame_mask: Tensor | None = None,
+    ) -> ModelOutput:
+        """x [B, F, C, H, W] noisy frames; sigma [B, F] (or [B] / scalar) their noise levels;
+        cond for these F frames (camera [B, F, 2]); time_pos [F] long RoPE time indices;
+        read: history every query frame attends to; frame_mask [F, F] bool among this call's
+        frames (None: all to all, as within a chunk or the teacher's target window).
+        """
+        b, f = x.shape[:2]
+        expected = (self.channels, self.height, self.width)
+        if tuple(x.shape[2:]) != expected:
+            raise CfError(f"model input has frames of shape {tuple(x.shape[2:])}; this model expects "
+                          f"{expected} (model.channels, data.height, data.width)")
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=angle_dtype(x.dtype))
+        sigma = sigma.expand(b, f) if sigma.dim() == 0 else sigma.reshape(b, -1).expand(b, f)
+        tokens = self.patch_embed(patchify(x, self.patch))  # [B, F, N, D]
+        ys, xs = self._spatial(cond.camera, f, x.dtype)
+        if self.positions == "world":
+            tokens = tokens + sinusoid_2d(ys, xs, self.dim).to(tokens.dtype)
+        cos, sin = self.rope(time_pos, ys, xs, tokens.dtype)
+
+        e = self.time_embed(sinusoid(sigma * TIMESTEP_SCALE, self.dim).to(tokens.dtype))  # [B, F, D]
+        if self.camera_embed is not None and cond.camera is not None:
+            cam = cond.camera.to(angle_dtype(x.dtype)) / self.patch
+            c = self.camera_embed(sinusoid_2d(cam[..., 1], cam[..., 0], self.dim).to(tokens.dtype))
+            if cond.null is not None:
+                c = c * (~cond.null).to(c.dtype)[:, None, None]
+            e = e + c
+        e6 = self.time_proj(e).unflatten(-1, (6, self.dim))  # [B, F, 6, D]
+        ctx, ctx_mask = self._context(cond, b, x.device)
+
+        if read is not None and read.n_frames:
+            read = self.rotate_read(read)
+        else:
+            read = None
+        mask = self._token_mask(frame_mask, read.n_frames if read else 0, tokens.shape[2], x.device)
+        kvs = []
+        for i, blk in enumerate(self.blocks):
+            read_kv = (read.k[i], read.v[i]) if read is not None else None
+            tokens, kv = blk(tokens, e6, cos, sin, ctx, ctx_mask, read_kv, mask)
+            kvs.append(kv)
+
+        shift, scale = (self.head_modulation + e.unsqueeze(2)).unsqueeze(2).unbind(3)  # [B, F, 1, D] each
+        out = self.head(self.head_norm(tokens) * (1 + scale) + shift)
+        pred = unpatchify(out, self.patch, self.channels, self.height, self.width)
+        mean_key = torch.cat([k.mean(dim=(2, 3)) for k, _ in kvs], dim=-1)
+        return ModelOutput(pred=pred, kv=kvs, mean_key=mean_key)
+
+    @staticmethod
+    def _token_mask(frame_mask: Tensor | None, m: int, n: int, device) -> Tensor | None:
+        """[F, F] frame mask -> [F*N, (M+F)*N] token mask; the read is visible to every query."""
+        if frame_mask is None:
+            return None
+        tok = frame_mask.to(device).repeat_interleave(n, 0).repeat_interleave(n, 1)
+        if m:
+            tok = torch.cat([torch.ones(tok.shape[0], m * n, dtype=torch.bool, device=device), tok], dim=1)
+        return tok
+
+    def tokens_per_frame(self) -> int:
+        return self.rows * self.cols

@@ -1,0 +1,219 @@
+"""THE rollout loop: generate a video chunk by chunk through a memory policy's cache.
+
+Every caller uses this one function: student inference, the student's self-rollout in training
+(exit step, gradient window), teacher sampling (multi-step Euler with guidance over a long
+history), every baseline. What differs is the model, the cache's policy and the sampler.
+
+Per chunk: read the history the policy selects (rotated once), run the sampler's steps on
+fresh noise (the exit step's x0 prediction is the chunk), then re-run the clean chunk at
+sigma 0 without gradient and write its keys/values to the cache. Observers hook in through
+callbacks; the loop itself has no prints, timers or branches for them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from cf.diffusion import Sampler, guide, randn_like, to_x0
+from cf.errors import CfError
+from cf.memory import KVCache
+from cf.model import CacheRead, Cond
+
+
+@dataclass
+class RolloutResult:
+    video: Tensor  # [B, n_chunks * C, C, H, W]: each chunk's x0 at its exit step (grad where asked)
+    exit_steps: list[int]  # per chunk
+
+
+class RolloutCallback:
+    """Observer of a rollout. Override what you need; every hook is optional."""
+
+    def on_chunk_start(self, chunk: int, cache: KVCache) -> None: ...
+
+    def on_step(self, chunk: int, step: int, x_t: Tensor, x0: Tensor, sigma: float) -> None: ...
+
+    def on_chunk_end(self, chunk: int, frames: Tensor, cache: KVCache) -> None: ...
+
+
+def rollout(
+    model: torch.nn.Module,
+    cache: KVCache,
+    sampler: Sampler,
+    cond: Cond,
+    n_chunks: int,
+    *,
+    context: Tensor | None = None,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    guidance: float = 1.0,
+    exit_step: int | Sequence[int] | Tensor | None = None,
+    grad_chunks: int = 0,
+    write_last: bool = True,
+    callbacks: Sequence[RolloutCallback] = (),
+) -> RolloutResult:
+    """Generate `n_chunks` chunks of `model.cfg.frames_per_chunk` frames. Resets `cache` first.
+
+    cond:        conditioning of the whole video; its camera [B, Fc + n_chunks * C, 2] covers the
+                 context frames first, then the generated ones
+    context:     [B, Fc, C, H, W] clean frames to continue from (Fc a multiple of C), written to the
+                 cache chunk by chunk at sigma 0 without gradient
+    noise:       [B, n_chunks * C, C, H, W] starting noise of each chunk; else drawn from `generator`
+                 (which also draws the few-step sampler's re-noising: every random number comes
+                 from it, so ranks seeded alike agree)
+    guidance:    classifier-free guidance scale; != 1 evaluates [cond ; null] as one doubled batch
+                 (the cache then holds both halves)
+    exit_step:   sampler step whose x0 prediction is the chunk's output: an int, or one per chunk
+                 (a list or CPU tensor, chosen on the host so no device sync is needed); earlier
+                 steps run without gradient, later ones are skipped. None: the last step.
+    grad_chunks: only the last `grad_chunks` chunks compute their exit step with gradient (and only
+                 if grad is enabled); earlier chunks run entirely without it
+    write_last:  also write the last chunk to the cache (to continue, or inspect the final state)
+    """
+    chunk = model.cfg.frames_per_chunk
+    if cache.policy.chunk != chunk:
+        raise CfError(f"the cache's policy was built for {cache.policy.chunk}-frame chunks but the model "
+                      f"generates {chunk} (model.frames_per_chunk); build the policy with the model's value")
+    n_ctx = 0 if context is None else context.shape[1]
+    if n_ctx % chunk:
+        raise CfError(f"context has {n_ctx} frames, not a multiple of model.frames_per_chunk={chunk}; "
+                      f"trim it to {n_ctx - n_ctx % chunk} frames")
+    total = n_ctx + n_chunks * chunk
+    if cond.camera is not None and cond.camera.shape[1] < total:
+        raise CfError(f"cond.camera covers {cond.camera.shape[1]} frames but the rollout needs {total} "
+                      f"({n_ctx} context + {n_chunks} chunks x {chunk})")
+    exits = _exit_steps(exit_step, n_chunks, sampler.n_steps)
+    param = next(model.parameters())
+    b = _batch_size(cond, context, noise)
+    frame_shape = (model.channels, model.height, model.width)
+    run_cond = cond.with_null(b) if guidance != 1 else cond
+    twice = (lambda t: torch.cat([t, t])) if guidance != 1 else (lambda t: t)
+
+    def write(frames: Tensor, f0: int, read: CacheRead | None) -> None:
+        c = run_cond.frames(f0, f0 + frames.shape[1])
+        with torch.no_grad():
+            x = twice(frames.detach().to(param.dtype))
+            out = model(x, x.new_zeros(x.shape[:2]), c, time_pos=_query_pos(read, cache), read=read)
+        cache.write(out.kv, c.camera, out.mean_key)
+
+    cache.reset()
+    for j in range(n_ctx // chunk):
+        write(context[:, j * chunk:(j + 1) * chunk], j * chunk, _read(model, cache))
+
+    outputs = []
+    for j in range(n_chunks):
+        f0 = n_ctx + j * chunk
+        for cb in callbacks:
+            cb.on_chunk_start(j, cache)
+        read = _read(model, cache)
+        c = run_cond.frames(f0, f0 + chunk)
+        tpos = _query_pos(read, cache)
+        if noise is not None:
+            x = noise[:, j * chunk:(j + 1) * chunk].to(param.device, param.dtype)
+        else:
+            x = randn_like(param.new_empty(b, chunk, *frame_shape), generator)
+        grad_here = torch.is_grad_enabled() and j >= n_chunks - grad_chunks
+        for i in range(exits[j] + 1):
+            sigma = sampler.sigmas[i]
+            with torch.set_grad_enabled(grad_here and i == exits[j]):
+                xin = twice(x)
+                sig = xin.new_full(xin.shape[:2], sigma)
+                x0 = to_x0(model(xin, sig, c, time_pos=tpos, read=read).pred, xin, sig, model.prediction)
+                if guidance != 1:
+                    x0 = guide(*x0.chunk(2), guidance)
+            for cb in callbacks:
+                cb.on_step(j, i, x, x0, sigma)
+            if i < exits[j]:
+                with torch.no_grad():
+                    x = sampler.step(x, x0, i, generator)
+        outputs.append(x0)
+        if write_last or j < n_chunks - 1:
+            write(x0, f0, read)
+        for cb in callbacks:
+            cb.on_chunk_end(j, x0, cache)
+    return RolloutResult(video=torch.cat(outputs, dim=1), exit_steps=exits)
+
+
+def _read(model: torch.nn.Module, cache: KVCache) -> CacheRead | None:
+    if cache.used == 0:
+        return None
+    return model.rotate_read(cache.read())
+
+
+def _query_pos(read: CacheRead | None, cache: KVCache) -> Tensor:
+    if read is not None:
+        return read.query_positions
+    return cache.read().query_positions  # empty cache: the policy still says where the chunk sits
+
+
+def _batch_size(cond: Cond, context: Tensor | None, noise: Tensor | None) -> int:
+    for t in (noise, context, cond.text, cond.camera, cond.null):
+        if t is not None:
+            return t.shape[0]
+    raise CfError("rollout cannot tell the batch size: give noise, context, or a cond with text or camera")
+
+
+def _exit_steps(exit_step, n_chunks: int, n_steps: int) -> list[int]:
+    if exit_step is None:
+        steps = [n_steps - 1] * n_chunks
+    elif isinstance(exit_step, int):
+        steps = [exit_step] * n_chunks
+    else:
+        steps = [int(s) for s in (exit_step.tolist() if isinstance(exit_step, Tensor) else exit_step)]
+    if len(steps) != n_chunks or any(not 0 <= s < n_steps for s in steps):
+        raise CfError(f"exit_step={steps if len(steps) < 20 else '...'} must be one int or {n_chunks} ints "
+                      f"in [0, {n_steps}) (the sampler has {n_steps} steps)")
+    return steps
+
+
+# ---------------------------------------------------------------------- observers
+
+
+class ChunkTimer(RolloutCallback):
+    """Seconds per chunk (synchronising CUDA at chunk boundaries, so in the observer, not the loop)."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.cuda = torch.device(device).type == "cuda"
+        self.latencies: list[float] = []
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_chunk_start(self, chunk, cache):
+        self._t0 = self._now()
+
+    def on_chunk_end(self, chunk, frames, cache):
+        self.latencies.append(self._now() - self._t0)
+
+
+class CacheBytes(RolloutCallback):
+    """Bytes and frames the cache holds after each chunk."""
+
+    def __init__(self):
+        self.nbytes: list[int] = []
+        self.frames: list[int] = []
+
+    def on_chunk_end(self, chunk, frames, cache):
+        self.nbytes.append(cache.nbytes())
+        self.frames.append(cache.used)
+
+
+class Progress(RolloutCallback):
+    """A tqdm bar over chunks."""
+
+    def __init__(self, total: int, desc: str = "rollout", unit: str = "chunk"):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit=unit)
+
+    def on_chunk_end(self, chunk, frames, cache):
+        self.bar.update(1)
+        if chunk + 1 == self.bar.total:
+            self.bar.close()
