@@ -1,0 +1,1 @@
+"""Training: the shared infrastructure (base, callbacks) and one LightningModule per stage."""

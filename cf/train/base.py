@@ -1,0 +1,441 @@
+"""What every training stage shares: optimizer, schedule, EMA, resumable randomness, the Trainer.
+
+A stage module stays thin; it gets the rest from here:
+
+    class TeacherModule(LightningModule):
+        def __init__(self, cfg):
+            ...
+            self.ema = EMA(self.net, cfg.trainer.ema)
+        def configure_optimizers(self):
+            return adamw_with_schedule(self.net.parameters(), self.cfg.trainer)
+        def training_step(self, batch, batch_idx):
+            g = step_generator(self.cfg.seed, self.global_step, self.global_rank, self.device)
+            t = torch.rand(len(batch), generator=g, device=self.device)  # resumable noise
+            ...
+        def on_train_batch_end(self, *args):
+            self.ema.update(self.net)
+        def on_save_checkpoint(self, ckpt):
+            ckpt["ema"] = self.ema.state_dict()
+        def on_load_checkpoint(self, ckpt):
+            self.ema.load_state_dict(ckpt["ema"])
+
+    trainer = make_trainer(cfg, out, "teacher", logger=run.lightning_logger())
+    fit(trainer, module, datamodule, out, "teacher")     # resumes from <out>/teacher/last.ckpt
+
+Checkpoints hold tensors and plain values only (the config travels as a YAML string in
+`cf_config`), so `load_checkpoint` / `load_module_weights` read them with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from omegaconf import DictConfig
+from torch import nn
+
+from cf.config.load import ConfigError, to_yaml
+from cf.errors import CfError
+from cf.train.callbacks import (
+    AtomicCheckpoint,
+    AtomicCheckpointIO,
+    NonFiniteStop,
+    StepProgressBar,
+    StreamPosition,
+    WallClockStop,
+)
+from cf.utils import atomic_path, set_threads
+
+# --- optimisation -------------------------------------------------------------------------------
+
+
+def build_optimizer(
+    params: Iterable, trainer_cfg: DictConfig, lr: float | None = None, betas: list[float] | None = None
+) -> torch.optim.AdamW:
+    """AdamW from `trainer.*`; `lr`/`betas` override it (CDMD's critic and generator have their own).
+
+    Given plain tensors, weight decay goes to matrices only (ndim >= 2): decaying norm gains and
+    biases towards zero only hurts. Given param-group dicts, they are used as they are.
+    """
+    params = list(params)
+    if params and not isinstance(params[0], dict):
+        params = [
+            {"params": [p for p in params if p.ndim >= 2]},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        params = [g for g in params if g["params"]]
+    b = trainer_cfg.betas if betas is None else betas
+    return torch.optim.AdamW(
+        params,
+        lr=trainer_cfg.lr if lr is None else lr,
+        betas=(float(b[0]), float(b[1])),
+        weight_decay=trainer_cfg.weight_decay,
+    )
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the base lr for optimizer step `step` (0-based).
+
+    Linear warm-up reaches 1 at step `warmup - 1`; then `constant` stays at 1 and `cosine` falls
+    from 1 at step `warmup` to 0 at step `total`.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ConfigError(f"trainer.schedule={schedule!r} is not one of cosine, constant")
+
+
+def lr_lambda(trainer_cfg: DictConfig, total_steps: int | None = None) -> Callable[[int], float]:
+    """`lr_factor` bound to the config; `total_steps` defaults to trainer.max_steps."""
+    total = trainer_cfg.max_steps if total_steps is None else total_steps
+    warmup, schedule = trainer_cfg.warmup_steps, trainer_cfg.schedule
+    return lambda step: lr_factor(step, warmup, total, schedule)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, trainer_cfg: DictConfig, total_steps: int | None = None
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Step-wise schedule; under manual optimisation call `.step()` after each `optimizer.step()`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(trainer_cfg, total_steps))
+
+
+def adamw_with_schedule(
+    params: Iterable,
+    trainer_cfg: DictConfig,
+    lr: float | None = None,
+    betas: list[float] | None = None,
+    total_steps: int | None = None,
+) -> dict[str, Any]:
+    """What `configure_optimizers` returns: AdamW plus its per-step warm-up/cosine schedule."""
+    opt = build_optimizer(params, trainer_cfg, lr, betas)
+    return {
+        "optimizer": opt,
+        "lr_scheduler": {"scheduler": build_scheduler(opt, trainer_cfg, total_steps), "interval": "step"},
+    }
+
+
+class EMA:
+    """Exponential moving average of a module's parameters: `shadow <- d * shadow + (1 - d) * param`.
+
+    With decay 0 it is off: `update`, `copy_to` and `average_parameters` do nothing, and the live
+    weights are the answer. The shadow follows the parameters' device and dtype lazily, so it can
+    be built in `__init__`, before Lightning moves or casts the module.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ConfigError(f"EMA decay={decay} must be in [0, 1) (0 disables the EMA), e.g. 0.999")
+        self.decay, self.num_updates = float(decay), 0
+        self.shadow: dict[str, torch.Tensor] = (
+            {n: p.detach().clone() for n, p in model.named_parameters()} if self.enabled else {}
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.decay > 0
+
+    def _pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        params = dict(model.named_parameters())
+        if params.keys() != self.shadow.keys():
+            missing, extra = params.keys() - self.shadow.keys(), self.shadow.keys() - params.keys()
+            raise ValueError(
+                f"EMA was built for another model: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(extra)[:5]}"
+            )
+        for n, p in params.items():
+            s = self.shadow[n]
+            if s.device != p.device or s.dtype != p.dtype:
+                self.shadow[n] = s.to(device=p.device, dtype=p.dtype)
+        names = list(params)
+        return [self.shadow[n] for n in names], [params[n].detach() for n in names]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        if not self.enabled:
+            return
+        shadow, params = self._pairs(model)
+        torch._foreach_lerp_(shadow, params, 1.0 - self.decay)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Overwrite the model's parameters with the averages."""
+        if not self.enabled:
+            return
+        shadow, params = self._pairs(model)
+        torch._foreach_copy_(params, shadow)
+
+    @contextlib.contextmanager
+    def average_parameters(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Run the block with the averaged weights in `model`, then put the live ones back."""
+        if not self.enabled:
+            yield model
+            return
+        live = [p.detach().clone() for p in model.parameters()]
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.detach() for p in model.parameters()], live)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": dict(self.shadow)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["shadow"].keys() != self.shadow.keys():
+            raise ValueError(
+                f"EMA state does not match this model: {len(state['shadow'])} saved entries vs "
+                f"{len(self.shadow)} here (was the EMA decay 0 when it was saved?)"
+            )
+        self.shadow = {k: v.detach().clone() for k, v in state["shadow"].items()}
+        self.num_updates = int(state["num_updates"])
+
+
+def step_generator(
+    seed: int, step: int, rank: int | None = None, device: torch.device | str = "cpu", stream: int = 0
+) -> torch.Generator:
+    """A torch.Generator that is a pure function of (seed, step, rank, stream): resumable randomness.
+
+    Draw a training step's random numbers from it (timesteps, noise, rollout choices) and a
+    resumed run draws exactly what an uninterrupted one would have, since global_step is in the
+    checkpoint. `rank=None` gives the same numbers on every rank: use it for choices the ranks
+    must agree on (CDMD's exit step, rollout length); pass `self.global_rank` for per-rank draws
+    (noise). `stream` separates independent uses within one step.
+    """
+    key = f"{seed}/{step}/{'shared' if rank is None else int(rank)}/{stream}".encode()
+    g = torch.Generator(device=device)
+    g.manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1))
+    return g
+
+
+# --- the Trainer --------------------------------------------------------------------------------
+
+
+def resolve_accelerator(cfg: DictConfig) -> str:
+    """'cpu' or 'gpu': trainer.accelerator, or when 'auto' the top-level `device` (auto: CUDA if present)."""
+    acc = cfg.trainer.accelerator
+    if acc != "auto":
+        if acc not in ("cpu", "gpu"):
+            raise ConfigError(f"trainer.accelerator={acc!r} is not one of auto, cpu, gpu")
+        return acc
+    if cfg.device == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return "cpu" if cfg.device == "cpu" else "gpu"
+
+
+def resolve_precision(cfg: DictConfig) -> str:
+    """Lightning's precision: trainer.precision, or for 'auto' what model.dtype asks for
+    ('auto': bf16-mixed on CUDA, 32-true on CPU; fp64: 64-true)."""
+    if cfg.trainer.precision != "auto":
+        return cfg.trainer.precision
+    by_dtype = {"fp32": "32-true", "fp64": "64-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
+    if cfg.model.dtype != "auto":
+        return by_dtype[cfg.model.dtype]
+    return "bf16-mixed" if resolve_accelerator(cfg) == "gpu" else "32-true"
+
+
+def _strategy(name: str, accelerator: str, find_unused_parameters: bool) -> Any:
+    if name == "auto":
+        return "auto"
+    if name == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        backend = "gloo" if accelerator == "cpu" else "nccl"
+        return DDPStrategy(process_group_backend=backend, find_unused_parameters=find_unused_parameters)
+    if name == "fsdp":
+        if accelerator == "cpu":
+            raise ConfigError("trainer.strategy=fsdp needs GPUs; use trainer.strategy=ddp on CPU")
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return FSDPStrategy()
+    raise ConfigError(f"trainer.strategy={name!r} is not one of auto, ddp, fsdp")
+
+
+def ckpt_path(out_dir: str | Path, stage: str) -> Path:
+    """`<out_dir>/<stage>/last.ckpt`: the one checkpoint of a stage, and its hand-off to the next."""
+    return Path(out_dir) / stage / "last.ckpt"
+
+
+def make_trainer(
+    cfg: DictConfig,
+    out_dir: str | Path,
+    stage: str,
+    callbacks: Iterable = (),
+    logger: Any = None,
+    *,
+    max_steps: int | None = None,
+    grad_clip: float | None = None,
+    find_unused_parameters: bool = False,
+    progress_bar: bool = True,
+    **trainer_kwargs: Any,
+) -> Trainer:
+    """A Lightning Trainer from `cfg.trainer`, with the shared callbacks (see cf.train.callbacks).
+
+    max_steps: this stage's optimizer steps (default trainer.max_steps; ERFT/CDMD pass their own).
+    grad_clip: norm clipping by Lightning (default trainer.grad_clip; 0 = off). Lightning can only
+        clip under automatic optimisation: a manual-optimisation module (CDMD) must pass
+        grad_clip=0 and clip itself with `self.clip_gradients(opt, gradient_clip_val=...)`.
+    logger: a Lightning logger (e.g. `run.lightning_logger()` from cf.tracking), or None for none.
+    find_unused_parameters: DDP's flag, for modules whose steps leave some parameters unused.
+    progress_bar: the step bar (`StepProgressBar`) on rank 0.
+    trainer_kwargs: passed to lightning.Trainer as they are (e.g. val_check_interval).
+    """
+    t = cfg.trainer
+    steps = t.max_steps if max_steps is None else max_steps
+    if steps < 1:
+        raise ConfigError(f"{stage}: max_steps={steps} must be >= 1")
+    if t.ckpt_every < 0:
+        raise ConfigError(f"trainer.ckpt_every={t.ckpt_every} must be >= 0 (0: only at the end)")
+    if t.max_minutes is not None and t.max_minutes <= 0:
+        raise ConfigError(f"trainer.max_minutes={t.max_minutes} must be positive, or null for no limit")
+    set_threads(t.threads)
+    accelerator = resolve_accelerator(cfg)
+    devices: Any = t.devices
+    if accelerator == "gpu" and cfg.device.startswith("cuda:") and t.devices == 1:
+        devices = [int(cfg.device.split(":")[1])]
+    clip = t.grad_clip if grad_clip is None else grad_clip
+    cbs = [NonFiniteStop(), StreamPosition(), *([StepProgressBar(stage)] if progress_bar else []), *callbacks]
+    if t.max_minutes is not None:
+        cbs.append(WallClockStop(t.max_minutes))
+    cbs.append(AtomicCheckpoint(ckpt_path(out_dir, stage), t.ckpt_every, to_yaml(cfg), stage))
+    _quiet_lightning()
+    return Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=t.num_nodes,
+        strategy=_strategy(t.strategy, accelerator, find_unused_parameters),
+        precision=resolve_precision(cfg),
+        max_steps=steps,
+        max_epochs=-1,
+        log_every_n_steps=t.log_every,
+        gradient_clip_val=clip if clip > 0 else None,
+        gradient_clip_algorithm="norm",
+        callbacks=cbs,
+        logger=False if logger is None else logger,
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(Path(out_dir) / stage),
+        enable_checkpointing=True,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        enable_progress_bar=progress_bar,
+        **trainer_kwargs,
+    )
+
+
+def _quiet_lightning() -> None:
+    """Lightning's start-up banner ("GPU available: ...", tips) is noise in every stage's output."""
+    import logging
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def fit(
+    trainer: Trainer,
+    module: LightningModule,
+    datamodule: LightningDataModule | Any,
+    out_dir: str | Path,
+    stage: str,
+) -> Path:
+    """Train, resuming from `<out_dir>/<stage>/last.ckpt` if it exists; returns that path.
+
+    A finished stage returns at once. Pass a LightningDataModule so the stream can be positioned
+    (cf.train.callbacks.StreamPosition); a bare DataLoader works for runs that are never resumed.
+    """
+    if not module.automatic_optimization and trainer.gradient_clip_val:
+        raise CfError(
+            f"{type(module).__name__} uses manual optimisation, which Lightning cannot clip; build its "
+            "trainer with make_trainer(..., grad_clip=0) and clip in training_step with "
+            "self.clip_gradients(opt, gradient_clip_val=..., gradient_clip_algorithm='norm')"
+        )
+    if trainer.precision == "64-true":
+        # Lightning casts to float64 only after restoring a checkpoint, which would round the
+        # restored weights through float32 first.
+        module.double()
+    last = ckpt_path(out_dir, stage)
+    data = (
+        {"datamodule": datamodule}
+        if isinstance(datamodule, LightningDataModule)
+        else {"train_dataloaders": datamodule}
+    )
+    with warnings.catch_warnings():
+        # StreamPosition resumes the stream itself; Lightning cannot know that.
+        warnings.filterwarnings(
+            "ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*"
+        )
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+        trainer.fit(module, ckpt_path=last if last.is_file() else None, weights_only=True, **data)
+    return last
+
+
+# --- reading and exporting checkpoints ----------------------------------------------------------
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint as a dict, on the CPU, read with weights_only=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise CfError(f"checkpoint {str(path)!r} does not exist; train the stage that writes it first")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError or RuntimeError for unsafe or damaged files
+        raise CfError(
+            f"cannot read checkpoint {str(path)!r} with weights_only=True: {str(e).splitlines()[0]}"
+        ) from e
+
+
+def load_module_weights(
+    path: str | Path, prefix: str = "", ema_key: str | None = None
+) -> dict[str, torch.Tensor]:
+    """The module weights in a checkpoint, for `load_state_dict` (a stage hand-off).
+
+    prefix: keep only keys starting with it, stripped (e.g. "net." for the network alone).
+    ema_key: also replace the parameters by the EMA averages stored in `checkpoint[ema_key]`
+        (an `EMA.state_dict()` of the submodule under `prefix`); buffers stay as saved.
+    """
+    ckpt = load_checkpoint(path)
+    weights = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if not weights:
+        raise CfError(
+            f"checkpoint {str(path)!r} has no weights under prefix {prefix!r}; "
+            f"its keys start with {sorted({k.split('.')[0] + '.' for k in ckpt['state_dict']})}"
+        )
+    if ema_key is not None:
+        if ema_key not in ckpt:
+            raise CfError(f"checkpoint {str(path)!r} has no {ema_key!r} entry; it has {sorted(ckpt)}")
+        shadow = ckpt[ema_key]["shadow"]
+        unknown = shadow.keys() - weights.keys()
+        if unknown or not shadow:
+            raise CfError(
+                f"the EMA in {str(path)!r} does not match the weights under prefix {prefix!r} "
+                f"(unknown keys {sorted(unknown)[:5]}); pass the prefix of the module the EMA tracked"
+            )
+        weights.update(shadow)
+    return weights
+
+
+def export_safetensors(
+    module: nn.Module | dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write a module's state dict (or a dict of tensors) as .safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    state = module.state_dict() if isinstance(module, nn.Module) else module
+    # clone: tied weights share storage, which safetensors refuses
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
