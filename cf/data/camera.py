@@ -1,0 +1,115 @@
+"""Camera paths: endless integer x positions of the frame's left edge over the panorama.
+
+A path is a generator of whole pixels, so a camera that comes back to a place comes back to
+exactly the same pixels, and a revisit's ground truth is exact. A path draws its randomness
+from the generator it is given and only moves forward, so the first N positions never depend
+on how many are asked for later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from cf.registry import Registry
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    span: int  # largest x: panorama width - frame width
+    speed: float  # pixels per frame
+    lags: tuple[int, ...]  # revisit lags the `revisit` path must produce
+
+
+@dataclass(frozen=True)
+class CameraPath:
+    generate: Callable[[PathSpec, np.random.Generator], Iterator[int]]
+    text: str  # how the prompt describes the motion; formatted with `speed`
+
+
+CAMERA_PATHS: Registry[CameraPath] = Registry("camera path")
+
+
+def reflect(u, hi: int):
+    """Fold positions into ``[0, hi]`` by bouncing off both ends (a triangle wave).
+
+    Works on ints (plain Python, fast in the path generators) and on integer numpy arrays.
+    """
+    if hi == 0:
+        return u * 0
+    m = u % (2 * hi)
+    if isinstance(m, np.ndarray):
+        return np.where(m <= hi, m, 2 * hi - m)
+    return m if m <= hi else 2 * hi - m
+
+
+def _step(spec: PathSpec) -> int:
+    return max(1, int(round(spec.speed)))
+
+
+def pingpong(spec: PathSpec, rng: np.random.Generator) -> Iterator[int]:
+    """Constant speed, reversing at the ends of the panorama."""
+    x0, d = int(rng.integers(0, spec.span + 1)), int(rng.choice((-1, 1)))
+    t = 0
+    while True:
+        yield reflect(x0 + d * round(spec.speed * t), spec.span)
+        t += 1
+
+
+def random_walk(spec: PathSpec, rng: np.random.Generator) -> Iterator[int]:
+    """Steps of 0.5-1.5x the speed, with pauses of 1-4 frames and random reversals."""
+    x, d, pause = int(rng.integers(0, spec.span + 1)), int(rng.choice((-1, 1))), 0
+    while True:
+        yield x
+        if pause:
+            pause -= 1
+            continue
+        r = rng.random()
+        if r < 0.1:
+            pause = int(rng.integers(0, 4))  # this frame holds still too
+            continue
+        if r < 0.2:
+            d = -d
+        x += d * max(1, int(round(spec.speed * rng.uniform(0.5, 1.5))))
+        if x < 0 or x > spec.span:  # bounce off the end
+            x, d = reflect(x, spec.span), -d
+
+
+def revisit(spec: PathSpec, rng: np.random.Generator) -> Iterator[int]:
+    """Out-and-back excursions, one per configured lag (in a shuffled order, repeated forever).
+
+    An excursion of lag L leaves an anchor, moves away for k frames, holds L - 2k frames and comes
+    back, arriving at the anchor exactly L frames after leaving it; it never passes the anchor on
+    the way, so the anchor's previous visit is exactly L frames earlier. k is L // 2 when the
+    panorama has room, fewer frames otherwise. Between excursions the camera travels at its
+    speed to a new anchor with room for the next lag.
+    """
+    step = _step(spec)
+    x = int(rng.integers(0, spec.span + 1))
+    yield x
+    while True:
+        for lag in rng.permutation(np.array(spec.lags)):
+            lag = int(lag)
+            need = step * (lag // 2)
+            anchors = [a for a in range(spec.span + 1) if a >= need or spec.span - a >= need]
+            target = int(rng.choice(anchors)) if anchors else (0 if x > spec.span // 2 else spec.span)
+            while x != target:  # travel to the anchor, landing on it exactly
+                x += int(np.sign(target - x)) * min(step, abs(target - x))
+                yield x
+            room = {1: spec.span - x, -1: x}
+            ok = [d for d in (1, -1) if room[d] >= need]
+            d = int(rng.choice(ok)) if ok else max(room, key=room.get)
+            k = min(lag // 2, room[d] // step)
+            path = [x + d * step * j for j in range(1, k + 1)]
+            path += [path[-1] if path else x] * (lag - 2 * k)
+            path += [x + d * step * (k - j) for j in range(1, k + 1)]
+            yield from path
+
+
+CAMERA_PATHS.add("pingpong", CameraPath(pingpong, "pans back and forth at {speed:g} pixels per frame"))
+CAMERA_PATHS.add("random", CameraPath(random_walk, "wanders at about {speed:g} pixels per frame, pausing "
+                                                   "and turning back at random"))
+CAMERA_PATHS.add("revisit", CameraPath(revisit, "leaves places and comes back to them, moving at "
+                                                "{speed:g} pixels per frame"))
