@@ -1,0 +1,261 @@
+"""The rollout through the cache, proven against single forward passes, in float64 on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cf.config import load_config
+from cf.diffusion import build_sampler, to_x0
+from cf.errors import CfError
+from cf.memory import KVCache, build_policy
+from cf.model import CacheRead, CausalVideoDiT, block_causal_mask
+from cf.rollout import CacheBytes, ChunkTimer, RolloutCallback, rollout
+
+N_CHUNKS = 4
+
+
+@pytest.fixture(autouse=True)
+def _restore_default_dtype():
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def setup(policy="full", seed=0, **overrides):
+    extra = [f"{k}={v}" for k, v in overrides.items()]
+    cfg = load_config("smoke", overrides=[f"memory.policy={policy}", *extra])
+    torch.set_default_dtype(torch.float64)  # restored by the autouse fixture below
+    torch.manual_seed(seed)
+    model = CausalVideoDiT(cfg.model, cfg.data).double()
+    torch.nn.init.normal_(model.head.weight, std=0.5)  # outputs of order 1, so differences show
+    c = cfg.model.frames_per_chunk
+    cam = torch.rand(1, 4 * N_CHUNKS * c, 2, generator=torch.Generator().manual_seed(seed))
+    cond = model.make_cond(["a red house by the sea"], camera=cam * 40)
+    return cfg, model, cond
+
+
+def run(cfg, model, cond, n_chunks=N_CHUNKS, seed=0, sampler="student", **kw):
+    cache = KVCache(build_policy(cfg.memory, cfg.model.frames_per_chunk))
+    gen = torch.Generator().manual_seed(seed)
+    res = rollout(model, cache, build_sampler(cfg.diffusion, sampler), cond, n_chunks, generator=gen, **kw)
+    return res, cache
+
+
+class Steps(RolloutCallback):
+    def __init__(self):
+        self.x_t, self.x0, self.sigma, self.grad = {}, {}, {}, {}
+
+    def on_step(self, chunk, step, x_t, x0, sigma):
+        self.x_t[chunk, step], self.x0[chunk, step] = x_t.detach().clone(), x0.detach().clone()
+        self.sigma[chunk, step], self.grad[chunk, step] = sigma, x0.requires_grad
+
+
+def test_full_rollout_equals_one_block_causal_forward():
+    """Cache contents = the keys/values of one forward over the whole clean video with a block-causal
+    mask; every sampler step's prediction = one forward over [clean video ; noisy chunks] where each
+    noisy chunk sees the clean chunks before it (the same noise, absolute positions)."""
+    cfg, model, cond = setup("full")
+    steps = Steps()
+    with torch.no_grad():
+        res, cache = run(cfg, model, cond, callbacks=[steps])
+        video = res.video
+        b, f = video.shape[:2]
+        c = cfg.model.frames_per_chunk
+        cam = cond.camera[:, :f]
+        whole = model(video, torch.zeros(b, f, dtype=video.dtype), cond.frames(0, f),
+                      time_pos=torch.arange(f), frame_mask=block_causal_mask(f, c))
+    r = cache.read()
+    order = torch.argsort(r.times)
+    assert r.times[order].tolist() == list(range(f))
+    for (k_ref, v_ref), k, v in zip(whole.kv, r.k, r.v):
+        assert (k[:, order] - k_ref).abs().max() < 1e-10
+        assert (v[:, order] - v_ref).abs().max() < 1e-10
+
+    # the noisy steps: [clean ; noisy] in one call, noisy chunk j attends clean chunks < j and itself
+    chunk_of = torch.arange(f) // c
+    mask = torch.zeros(2 * f, 2 * f, dtype=torch.bool)
+    mask[:f, :f] = block_causal_mask(f, c)
+    mask[f:, :f] = chunk_of[None, :] < chunk_of[:, None]
+    mask[f:, f:] = chunk_of[None, :] == chunk_of[:, None]
+    cond2 = cond.frames(0, f)
+    cond2.camera = torch.cat([cam, cam], dim=1)
+    n_steps = build_sampler(cfg.diffusion, "student").n_steps
+    for i in range(n_steps):
+        x_noisy = torch.cat([steps.x_t[j, i] for j in range(N_CHUNKS)], dim=1)
+        sig = torch.cat([torch.zeros(b, f), torch.full((b, f), steps.sigma[0, i])], dim=1)
+        with torch.no_grad():
+            out = model(torch.cat([video, x_noisy], dim=1), sig, cond2, time_pos=torch.arange(f).repeat(2),
+                        frame_mask=mask)
+        x0 = to_x0(out.pred[:, f:], x_noisy, sig[:, f:], model.prediction)
+        ref = torch.cat([steps.x0[j, i] for j in range(N_CHUNKS)], dim=1)
+        assert (x0 - ref).abs().max() < 1e-10
+    assert video.abs().mean() > 0.1  # a real signal, not a vanishing one
+
+
+def test_sliding_with_a_long_window_equals_full():
+    c = 2
+    cfg, model, cond = setup("sliding", **{"memory.window_frames": N_CHUNKS * c})
+    with torch.no_grad():
+        sliding, _ = run(cfg, model, cond)
+        cfg.memory.policy = "full"
+        full, _ = run(cfg, model, cond)
+        cfg.memory.policy, cfg.memory.window_frames = "sliding", 2 * c
+        short, _ = run(cfg, model, cond)
+    assert (sliding.video - full.video).abs().max() < 1e-10
+    assert (short.video - full.video).abs().max() > 1e-3  # a short window does change the video
+
+
+def test_slowfast_without_slow_memory_equals_sink():
+    kw = {"memory.sink_frames": 2, "memory.window_frames": 4, "memory.slow_frames": 0,
+          "memory.promote_after": 0}
+    cfg, model, cond = setup("slowfast", **kw)
+    with torch.no_grad():
+        a, _ = run(cfg, model, cond, n_chunks=6)
+        cfg.memory.policy = "sink"
+        b, _ = run(cfg, model, cond, n_chunks=6)
+        cfg.memory.policy, cfg.memory.slow_frames, cfg.memory.promotion = "slowfast", 2, "uniform"
+        with_slow, _ = run(cfg, model, cond, n_chunks=6)
+    assert (a.video - b.video).abs().max() < 1e-10
+    assert (with_slow.video - b.video).abs().max() > 1e-3
+
+
+def test_plan_agrees_with_the_cached_rollout():
+    cfg, model, cond = setup("slowfast", **{"memory.promotion": "similarity", "memory.tau": 0.9999,
+                                            "memory.promote_every": 1, "memory.promote_after": 2})
+    keys = []
+    cache = KVCache(build_policy(cfg.memory, cfg.model.frames_per_chunk))
+    write = cache.write
+    cache.write = lambda kv, cam, mk: (keys.append(mk), write(kv, cam, mk))[1]
+    with torch.no_grad():
+        rollout(model, cache, build_sampler(cfg.diffusion, "student"), cond, 8,
+                generator=torch.Generator().manual_seed(0))
+    mean_keys = torch.cat(keys, dim=1)
+    plan = cache.policy.plan(cache.n_written, mean_keys)
+    r = cache.read()
+    assert dict(zip(r.times.tolist(), r.positions.tolist())) == dict(zip(plan.indices.tolist(),
+                                                                        plan.positions.tolist()))
+    assert torch.equal(r.query_positions, plan.query_positions)
+    assert cache.state.slow, "the test should exercise promotion"
+
+
+def test_plan_drives_a_cacheless_read():
+    """The teacher's path: select history frames per `plan` from one forward and read them with
+    CacheRead.from_kv; identical to the cache's read when the history K/V are the same (full)."""
+    cfg, model, cond = setup("full")
+    with torch.no_grad():
+        res, cache = run(cfg, model, cond)
+        f = res.video.shape[1]
+        whole = model(res.video, torch.zeros(1, f).double(), cond.frames(0, f), time_pos=torch.arange(f),
+                      frame_mask=block_causal_mask(f, 2))
+        plan = cache.policy.plan(f)
+        read = CacheRead.from_kv(whole.kv, plan.indices, plan.positions, plan.query_positions,
+                                 cond.camera[:, :f])
+        x = torch.randn(1, 2, 3, 16, 16, dtype=torch.float64)
+        sig = torch.full((1, 2), 0.5, dtype=torch.float64)
+        a = model(x, sig, cond.frames(f, f + 2), time_pos=plan.query_positions, read=read).pred
+        r = cache.read()
+        b = model(x, sig, cond.frames(f, f + 2), time_pos=r.query_positions, read=r).pred
+    assert (a - b).abs().max() < 1e-10
+
+
+def test_gradients_flow_only_through_the_exit_step_of_the_last_chunks():
+    cfg, model, cond = setup("sliding", **{"memory.window_frames": 4})
+    steps = Steps()
+    exits = [3, 1, 2, 1]
+    res, cache = run(cfg, model, cond, exit_step=exits, grad_chunks=1, callbacks=[steps])
+    assert res.exit_steps == exits
+    assert {k for k, g in steps.grad.items() if g} == {(3, 1)}
+    assert set(steps.x0) == {(j, i) for j in range(4) for i in range(exits[j] + 1)}
+    loss = (res.video ** 2).sum()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    # the same gradient by hand: the last chunk's exit step on the recorded input and the cache's read
+    # before that chunk (rebuilt by a no-grad rollout of the first 3 chunks with the same randomness)
+    with torch.no_grad():
+        _, cache3 = run(cfg, model, cond, n_chunks=3, exit_step=exits[:3])
+    read = cache3.read()
+    x_t, sigma = steps.x_t[3, 1], steps.sigma[3, 1]
+    cond = model.make_cond(["a red house by the sea"], camera=cond.camera)  # a fresh graph to the text table
+    sig = torch.full(x_t.shape[:2], sigma, dtype=x_t.dtype)
+    x0 = to_x0(model(x_t, sig, cond.frames(6, 8), time_pos=read.query_positions, read=read).pred, x_t, sig,
+               model.prediction)
+    assert (x0.detach() - res.video[:, 6:8].detach()).abs().max() < 1e-10
+    (x0 ** 2).sum().backward()
+    assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert (p.grad - grads[n]).abs().max() < 1e-9 * (1 + grads[n].abs().max()), n
+
+
+def test_no_gradient_anywhere_with_grad_chunks_zero():
+    cfg, model, cond = setup("full")
+    res, _ = run(cfg, model, cond, n_chunks=2, exit_step=1, grad_chunks=0)
+    assert not res.video.requires_grad
+    res, _ = run(cfg, model, cond, n_chunks=2, exit_step=1, grad_chunks=2)
+    assert res.video.requires_grad
+
+
+def test_continuing_from_context_reproduces_the_rollout():
+    """Writing clean context at sigma 0 is exactly what the rollout did with its own chunks."""
+    cfg, model, cond = setup("slowfast", **{"memory.promotion": "uniform", "memory.promote_every": 1})
+    b, c = 1, 2
+    noise = torch.randn(b, 6 * c, 3, 16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    sampler = "teacher"  # deterministic given the starting noise
+    with torch.no_grad():
+        whole, _ = run(cfg, model, cond, n_chunks=6, noise=noise, sampler=sampler)
+        cont, _ = run(cfg, model, cond, n_chunks=2, noise=noise[:, 4 * c:], sampler=sampler,
+                      context=whole.video[:, :4 * c])
+    assert (cont.video - whole.video[:, 4 * c:]).abs().max() < 1e-10
+
+
+def test_guidance_zero_is_the_unconditional_rollout():
+    cfg, model, cond = setup("sink")
+    null = cond.__class__(text=cond.text, text_mask=cond.text_mask, camera=cond.camera,
+                          null=torch.ones(1, dtype=torch.bool))
+    with torch.no_grad():
+        g0, cache = run(cfg, model, cond, guidance=0.0)
+        unc, _ = run(cfg, model, null)
+        g1, _ = run(cfg, model, cond, guidance=1.0)
+        g3, _ = run(cfg, model, cond, guidance=3.0)
+    assert cache.read().k[0].shape[0] == 2  # the cache holds both halves of guidance
+    assert (g0.video - unc.video).abs().max() < 1e-10
+    assert (g1.video - unc.video).abs().max() > 1e-3 and (g3.video - g1.video).abs().max() > 1e-3
+
+
+def test_randomness_comes_from_the_generator():
+    cfg, model, cond = setup("slowfast")
+    with torch.no_grad():
+        a, _ = run(cfg, model, cond, seed=1)
+        torch.manual_seed(123)  # the global RNG must not matter
+        b, _ = run(cfg, model, cond, seed=1)
+        c, _ = run(cfg, model, cond, seed=2)
+    assert torch.equal(a.video, b.video)
+    assert (a.video - c.video).abs().max() > 1e-3
+
+
+def test_observers_and_teacher_sampler_with_velocity_prediction():
+    cfg, model, cond = setup("slowfast", **{"model.prediction": "velocity"})
+    timer, nbytes = ChunkTimer(), CacheBytes()
+    with torch.no_grad():
+        res, cache = run(cfg, model, cond, n_chunks=5, sampler="teacher", guidance=2.0,
+                         callbacks=[timer, nbytes])
+    assert res.video.shape == (1, 10, 3, 16, 16) and torch.isfinite(res.video).all()
+    assert len(timer.latencies) == 5 and all(t > 0 for t in timer.latencies)
+    assert nbytes.nbytes[-1] == cache.nbytes() and nbytes.frames[-1] == cache.used
+
+
+def test_bad_arguments_say_what_to_do():
+    cfg, model, cond = setup("full")
+    with pytest.raises(CfError, match=r"exit_step=.*in \[0, 4\)"):
+        run(cfg, model, cond, exit_step=4)
+    with pytest.raises(CfError, match="exit_step"):
+        run(cfg, model, cond, exit_step=[0, 1])
+    with pytest.raises(CfError, match="multiple of model.frames_per_chunk=2"):
+        run(cfg, model, cond, context=torch.zeros(1, 3, 3, 16, 16, dtype=torch.float64))
+    with pytest.raises(CfError, match="cond.camera covers"):
+        run(cfg, model, cond, n_chunks=100)
+    cache = KVCache(build_policy(cfg.memory, 3))
+    with pytest.raises(CfError, match="built for 3-frame chunks"):
+        rollout(model, cache, build_sampler(cfg.diffusion, "student"), cond, 1)
