@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
@@ -214,6 +215,8 @@ def test_checkpoint_is_weights_only_safe_and_hands_off_weights(reference):
 
 def test_config_objects_are_refused_in_checkpoints():
     check_weights_only_safe({"a": [1, 2.0, "x", None, torch.zeros(1)], "b": {"c": (True, torch.float32)}})
+    with pytest.raises(CfError, match=r"checkpoint\['lr'\] is a numpy.float64"):
+        check_weights_only_safe({"lr": np.float64(0.1)})  # a float subclass, still refused by torch.load
     where = r"checkpoint\['hyper_parameters'\]\['cfg'\] is a omegaconf"
     with pytest.raises(CfError, match=where + ".*save_hyperparameters"):
         check_weights_only_safe({"hyper_parameters": {"cfg": toy_cfg()}})

@@ -376,6 +376,7 @@ def fit(
             "ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*"
         )
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*`val_dataloader` but have no `validation_step`.*")
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
         trainer.fit(module, ckpt_path=last if last.is_file() else None, weights_only=True, **data)
     return last

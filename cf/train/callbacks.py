@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -46,33 +47,25 @@ class NonFiniteError(CfError):
     """Training produced NaN/inf; the message names the metric, the step and the checkpoint kept."""
 
 
-# Types torch.load(weights_only=True) accepts without extra allow-listing.
-_SAFE_LEAVES = (
-    str,
-    bytes,
-    int,
-    float,
-    bool,
-    complex,
-    type(None),
-    torch.Tensor,
-    torch.Size,
-    torch.dtype,
-    torch.device,
-)
+# What torch.load(weights_only=True) accepts without extra allow-listing. Exact types: subclasses
+# (numpy.float64 is a float, AttributeDict a dict, a namedtuple a tuple) are refused by it.
+_SAFE_PLAIN = {str, bytes, bytearray, int, float, bool, complex, type(None)}
+_SAFE_TORCH = (torch.Tensor, torch.Size, torch.dtype, torch.device)
 
 
 def check_weights_only_safe(obj: Any, where: str = "checkpoint") -> None:
     """Raise if `obj` holds anything torch.load(weights_only=True) would refuse (e.g. a DictConfig)."""
-    if isinstance(obj, dict):
+    if type(obj) in _SAFE_PLAIN or isinstance(obj, _SAFE_TORCH):
+        return
+    if type(obj) in (dict, OrderedDict):
         for k, v in obj.items():
-            if not isinstance(k, (str, int)):
+            if type(k) not in (str, int):
                 raise CfError(f"{where} has a key of type {type(k).__name__}; checkpoints use str/int keys")
             check_weights_only_safe(v, f"{where}[{k!r}]")
-    elif isinstance(obj, (list, tuple, set)):
+    elif type(obj) in (list, tuple, set):
         for i, v in enumerate(obj):
             check_weights_only_safe(v, f"{where}[{i}]")
-    elif not isinstance(obj, _SAFE_LEAVES):
+    else:
         raise CfError(
             f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which "
             "torch.load(weights_only=True) refuses; keep checkpoints to tensors and plain Python values "
@@ -143,7 +136,7 @@ class AtomicCheckpoint(Checkpoint):
                 f"the last good checkpoint {self.path} (step {self.last_saved_step}). Lower trainer.lr or "
                 "check the data"
             )
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # False: the full training state
         self.last_saved_step = trainer.global_step
 
 
