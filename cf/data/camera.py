@@ -1,19 +1,23 @@
 """Camera paths: endless integer x positions of the frame's left edge over the panorama.
 
-A path is a generator of whole pixels, so a camera that comes back to a place comes back to
-exactly the same pixels, and a revisit's ground truth is exact. A path draws its randomness
-from the generator it is given and only moves forward, so the first N positions never depend
-on how many are asked for later.
+A path is a generator that yields lists of consecutive positions (chunks, so that drawing a
+thousand frames is not a thousand generator steps). Positions are whole pixels, so a camera that
+comes back to a place comes back to exactly the same pixels, and a revisit's ground truth is
+exact. A path draws its randomness from the generator it is given and only moves forward, so
+the first N positions never depend on how many are asked for later.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from cf.registry import Registry
+
+CHUNK = 256  # positions per chunk of the closed-form and random-walk paths
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,7 @@ class PathSpec:
 
 @dataclass(frozen=True)
 class CameraPath:
-    generate: Callable[[PathSpec, np.random.Generator], Iterator[int]]
+    generate: Callable[[PathSpec, np.random.Generator], Iterator[list[int]]]
     text: str  # how the prompt describes the motion; formatted with `speed`
 
 
@@ -49,20 +53,23 @@ def _step(spec: PathSpec) -> int:
     return max(1, int(round(spec.speed)))
 
 
-def pingpong(spec: PathSpec, rng: np.random.Generator) -> Iterator[int]:
+def pingpong(spec: PathSpec, rng: np.random.Generator) -> Iterator[list[int]]:
     """Constant speed, reversing at the ends of the panorama."""
     x0, d = int(rng.integers(0, spec.span + 1)), int(rng.choice((-1, 1)))
-    t = 0
-    while True:
-        yield reflect(x0 + d * round(spec.speed * t), spec.span)
-        t += 1
+    for first in itertools.count(0, CHUNK):
+        t = np.arange(first, first + CHUNK)
+        yield reflect(x0 + d * np.rint(spec.speed * t).astype(np.int64), spec.span).tolist()
 
 
-def random_walk(spec: PathSpec, rng: np.random.Generator) -> Iterator[int]:
+def random_walk(spec: PathSpec, rng: np.random.Generator) -> Iterator[list[int]]:
     """Steps of 0.5-1.5x the speed, with pauses of 1-4 frames and random reversals."""
     x, d, pause = int(rng.integers(0, spec.span + 1)), int(rng.choice((-1, 1))), 0
+    chunk: list[int] = []
     while True:
-        yield x
+        chunk.append(x)
+        if len(chunk) == CHUNK:
+            yield chunk
+            chunk = []
         if pause:
             pause -= 1
             continue
@@ -77,7 +84,7 @@ def random_walk(spec: PathSpec, rng: np.random.Generator) -> Iterator[int]:
             x, d = reflect(x, spec.span), -d
 
 
-def revisit(spec: PathSpec, rng: np.random.Generator) -> Iterator[int]:
+def revisit(spec: PathSpec, rng: np.random.Generator) -> Iterator[list[int]]:
     """Out-and-back excursions, one per configured lag (in a shuffled order, repeated forever).
 
     An excursion of lag L leaves an anchor, moves away for k frames, holds L - 2k frames and comes
@@ -88,16 +95,18 @@ def revisit(spec: PathSpec, rng: np.random.Generator) -> Iterator[int]:
     """
     step = _step(spec)
     x = int(rng.integers(0, spec.span + 1))
-    yield x
+    yield [x]
     while True:
         for lag in rng.permutation(np.array(spec.lags)):
             lag = int(lag)
             need = step * (lag // 2)
             anchors = [a for a in range(spec.span + 1) if a >= need or spec.span - a >= need]
             target = int(rng.choice(anchors)) if anchors else (0 if x > spec.span // 2 else spec.span)
+            travel = []
             while x != target:  # travel to the anchor, landing on it exactly
                 x += int(np.sign(target - x)) * min(step, abs(target - x))
-                yield x
+                travel.append(x)
+            yield travel
             room = {1: spec.span - x, -1: x}
             ok = [d for d in (1, -1) if room[d] >= need]
             d = int(rng.choice(ok)) if ok else max(room, key=room.get)
@@ -105,7 +114,7 @@ def revisit(spec: PathSpec, rng: np.random.Generator) -> Iterator[int]:
             path = [x + d * step * j for j in range(1, k + 1)]
             path += [path[-1] if path else x] * (lag - 2 * k)
             path += [x + d * step * (k - j) for j in range(1, k + 1)]
-            yield from path
+            yield path
 
 
 CAMERA_PATHS.add("pingpong", CameraPath(pingpong, "pans back and forth at {speed:g} pixels per frame"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import IterableDataset, get_worker_info
 
 from cf.data.world import Clip, World
@@ -74,8 +75,9 @@ class WorldDataset(SampleStream):
     def __init__(self, data_cfg, seed: int | None = None, start: int = 0, count: int | None = None,
                  block: int = 1, rank: int = 0, world_size: int = 1):
         super().__init__(data_cfg.seed if seed is None else seed, start, count, block, rank, world_size)
-        self.data_cfg = data_cfg
-        World(data_cfg, (self.seed, 0))  # fail here, not inside a worker, on a config the world rejects
+        # a plain dataclass: reading an OmegaConf node costs more than building a small world
+        self.data_cfg = OmegaConf.to_object(data_cfg) if isinstance(data_cfg, DictConfig) else data_cfg
+        World(self.data_cfg, (self.seed, 0))  # fail here, not inside a worker, on a config the world rejects
 
     def clip(self, i: int) -> Clip:
         world = World(self.data_cfg, (self.seed, i))

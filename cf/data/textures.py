@@ -78,17 +78,24 @@ def dilate(mask: np.ndarray) -> np.ndarray:
     return p[1:-1, 1:-1] | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
 
 
+@functools.lru_cache(maxsize=1024)
+def _outline_masks(shape: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    inner = np.zeros((size, size), bool)
+    inner[1:-1, 1:-1] = shape_mask(shape, size - 2)
+    mask = dilate(inner)
+    inner.setflags(write=False)
+    mask.setflags(write=False)
+    return inner, mask
+
+
 def outlined(shape: str, size: int, fill: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A shape with a dark one-pixel outline -> (rgb uint8 ``[size, size, 3]``, mask bool ``[size, size]``).
 
     fill: a colour ``[3]`` or a picture ``[size, size, 3]``. The shape is drawn one pixel smaller than
-    `size` on each side so the outline fits.
+    `size` on each side so the outline fits. The mask is shared (read-only).
     """
-    inner = np.zeros((size, size), bool)
-    inner[1:-1, 1:-1] = shape_mask(shape, size - 2)
-    mask = dilate(inner)
-    rgb = np.where(inner[..., None], fill, OUTLINE).astype(np.uint8)
-    return rgb, mask
+    inner, mask = _outline_masks(shape, size)
+    return np.where(inner[..., None], fill, OUTLINE).astype(np.uint8), mask
 
 
 def pattern_fill(pattern: str, size: int, colour: tuple[int, int, int]) -> np.ndarray:
@@ -163,18 +170,16 @@ def load_photo(name: str) -> np.ndarray:
 
 
 @functools.cache
-def photo_for_height(name: str, h: int) -> np.ndarray:
-    """`load_photo` shrunk so its shorter side is about 4 * h (never enlarged): crops of it still
-    have more pixels than the frame, and resizing them is ~20x cheaper than from the original."""
+def photo_for_height(name: str, h: int):
+    """`load_photo` as a PIL image shrunk so its shorter side is about 4 * h (never enlarged): crops of
+    it still have more pixels than the frame, and resizing them is much cheaper than from the original."""
     from PIL import Image
 
-    img = load_photo(name)
-    ih, iw = img.shape[:2]
-    f = min(1.0, 4 * h / min(ih, iw))
+    img = Image.fromarray(load_photo(name))
+    f = min(1.0, 4 * h / min(img.size))
     if f == 1.0:
         return img
-    size = (max(1, round(iw * f)), max(1, round(ih * f)))
-    return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BOX))
+    return img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.BOX)
 
 
 def photo(name: str, h: int, w: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
@@ -182,18 +187,16 @@ def photo(name: str, h: int, w: int, rng: np.random.Generator) -> tuple[np.ndarr
     from PIL import Image
 
     img = photo_for_height(name, h)
-    words = f"{name} photo"
-    if img.ndim == 2:  # grey photos get a colour tint so they differ from one another
-        tint = TINTS[rng.integers(len(TINTS))]
-        img = (img[..., None] * (0.45 + 0.55 * np.array(PALETTE[tint]) / 255.0)).astype(np.uint8)
-        words = f"{tint}-tinted {name} photo"
-    ih, iw = img.shape[:2]
-    crop_h = min(ih, iw * h / w) * rng.uniform(0.3, 1.0)
+    crop_h = min(img.height, img.width * h / w) * rng.uniform(0.3, 1.0)
     crop_w = crop_h * w / h
-    top, left = rng.uniform(0, ih - crop_h), rng.uniform(0, iw - crop_w)
+    top, left = rng.uniform(0, img.height - crop_h), rng.uniform(0, img.width - crop_w)
     box = (left, top, left + crop_w, top + crop_h)
-    out = Image.fromarray(img).resize((w, h), Image.Resampling.BILINEAR, box=box, reducing_gap=2.0)
-    return np.asarray(out, np.uint8), words
+    out = np.asarray(img.resize((w, h), Image.Resampling.BILINEAR, box=box, reducing_gap=2.0), np.uint8)
+    if out.ndim == 3:
+        return out, f"{name} photo"
+    tint = TINTS[rng.integers(len(TINTS))]  # grey photos get a colour tint so they differ from one another
+    out = (out[..., None] * (0.45 + 0.55 * np.array(PALETTE[tint]) / 255.0)).astype(np.uint8)
+    return out, f"{tint}-tinted {name} photo"
 
 
 def panorama(h: int, w: int, frame_w: int, mode: str,

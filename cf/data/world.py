@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -173,9 +172,8 @@ class World:
 
     def camera_x(self, start: int, n: int) -> np.ndarray:
         """int64 ``[n]``: the camera's x at world times start .. start + n - 1."""
-        need = start + n - len(self._xs)
-        if need > 0:
-            self._xs.extend(islice(self._path, need))
+        while len(self._xs) < start + n:
+            self._xs.extend(next(self._path))
         return np.array(self._xs[start : start + n], np.int64)
 
     def random_start(self, high: int) -> int:

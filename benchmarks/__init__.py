@@ -1,0 +1,1 @@
+"""Performance benchmarks; each writes benchmarks/results/<name>.json."""
