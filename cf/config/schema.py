@@ -112,6 +112,7 @@ class TeacherConfig:
     min_context_frames: int = 0
     target_chunks: int = 1  # target window, bidirectional inside
     cond_drop: float = 0.1  # classifier-free guidance dropout of text and camera
+    memory: str = "full"  # policy the teacher reads its training history through (memory.* knobs apply)
 
 
 @dataclass
@@ -125,6 +126,7 @@ class ErftConfig:
     p_noise: float = 0.01
     p_clean: float = 0.5  # fraction of samples left unperturbed
     collect_every: int = 1
+    history_sigma_max: float = 0.3  # history residuals come from bins below this noise level
 
 
 @dataclass
@@ -161,6 +163,9 @@ class BenchConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     segment_s: float = 10.0  # first-frame consistency segments (paper: 10 s)
     backbone: str = "imagenet"  # pixels | imagenet | dino | dinov2 | clip | random (tests only)
+    # VBench scores subject consistency with DINO and background consistency with CLIP; this is the
+    # second one (None: the same as `backbone`; with dino + clip weights: backbone=dino, this=clip)
+    background_backbone: str | None = None
     weights: str | None = None  # local weight file or cache dir for dino/dinov2/clip/lpips
     lpips: bool = True
     context_factor: float = 1.5  # effective context: largest lag with error <= factor * short-lag error

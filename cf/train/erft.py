@@ -27,7 +27,8 @@ class ResidualBank(nn.Module):
     50 x 500 bank the memory matters.
     """
 
-    def __init__(self, bins: int, size: int, frame_shape: tuple[int, ...], dtype: torch.dtype = torch.float16):
+    def __init__(self, bins: int, size: int, frame_shape: tuple[int, ...],
+                 dtype: torch.dtype = torch.float16):
         super().__init__()
         if bins < 1 or size < 1:
             raise ValueError(f"residual bank needs bins >= 1 and size >= 1, got bins={bins}, size={size}")

@@ -1,0 +1,127 @@
+"""Does the teacher use its history? Continuation of held-out world clips, scored where memory matters.
+
+Each held-out clip is cut into a context of `teacher.context_frames` frames and the next target
+chunk(s). Predictions: the teacher with the long context (`full` policy), the teacher with a
+short context (the last `short_frames` frames, `sliding` policy), and two baselines that need no
+model: copy the last frame, and shift the last frame by the known camera offset.
+
+PSNR is pooled over pixels in regions defined by the world's ground truth `age` (how many frames
+ago a background pixel was last visible): `recent` (seen inside the short window), `memory` (seen
+only before the short window: only a model that remembers can get these right) and `never` (new
+content). `by_age` pools by age bins, the revisit-error-vs-lag curve.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import Tensor
+
+from cf.diffusion import build_sampler
+from cf.memory import KVCache, build_policy
+from cf.model import CausalVideoDiT
+from cf.rollout import rollout
+
+AGE_BINS = ((1, 2), (3, 4), (5, 8), (9, 16), (17, 10**9))
+
+
+def shift_last(last: Tensor, cam_last: Tensor, cams: Tensor) -> Tensor:
+    """The last frame [B, C, H, W] moved by the camera offset to each target frame -> [B, T, C, H, W].
+
+    cams [B, T, 2] and cam_last [B, 2] are (x, y) in pixels; newly revealed pixels repeat the edge.
+    """
+    b, c, h, w = last.shape
+    ys = torch.arange(h, device=last.device)
+    xs = torch.arange(w, device=last.device)
+    out = []
+    for t in range(cams.shape[1]):
+        d = (cams[:, t] - cam_last).round().long()  # [B, 2]
+        src_x = (xs[None] + d[:, 0:1]).clamp(0, w - 1)  # [B, W]
+        src_y = (ys[None] + d[:, 1:2]).clamp(0, h - 1)  # [B, H]
+        idx = (src_y[:, :, None] * w + src_x[:, None, :]).flatten(1)  # [B, H*W]
+        out.append(last.flatten(2).gather(2, idx[:, None].expand(b, c, -1)).view(b, c, h, w))
+    return torch.stack(out, 1)
+
+
+def _policy(cfg, name: str, window: int | None = None):
+    mem = copy.deepcopy(cfg.memory)
+    mem.policy = name
+    if window is not None:
+        mem.window_frames = window
+    return build_policy(mem, cfg.model.frames_per_chunk)
+
+
+@torch.no_grad()
+def continue_clips(net: CausalVideoDiT, cfg, video: Tensor, camera: Tensor, prompts: list[str],
+                   n_ctx: int, n_chunks: int, policy, seed: int = 0) -> Tensor:
+    """The teacher's continuation of `video[:, :n_ctx]` by `n_chunks` chunks -> [B, n_chunks * C, ...]."""
+    gen = torch.Generator().manual_seed(seed)
+    cond = net.make_cond(prompts, camera=camera[:, :n_ctx + n_chunks * cfg.model.frames_per_chunk])
+    sampler = build_sampler(cfg.diffusion, "teacher")
+    return rollout(net, KVCache(policy), sampler, cond, n_chunks, context=video[:, :n_ctx], generator=gen,
+                   guidance=cfg.diffusion.cfg_scale).video
+
+
+PSNR_CAP = 100.0  # dB reported for an exact match (keeps results valid JSON)
+
+
+def _psnr(se_sum: float, n: int) -> float | None:
+    """Pooled PSNR in dB for data in [-1, 1] (peak^2 = 4); None for an empty region."""
+    if n == 0:
+        return None
+    mse = se_sum / n
+    return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(4.0 / mse))
+
+
+def evaluate(net: CausalVideoDiT, cfg, batches, short_frames: int = 4) -> dict:
+    """Score long vs short context and the baselines on held-out batches (dicts from the world).
+
+    Returns {method: {"all", "recent", "memory", "never": PSNR dB, "by_age": {bin: PSNR}}} plus
+    the pixel counts per region, and one example (`frames`) for a contact sheet.
+    """
+    chunk = cfg.model.frames_per_chunk
+    n_ctx = (cfg.teacher.context_frames // chunk) * chunk
+    n_chunks = cfg.teacher.target_chunks
+    n_tgt = n_chunks * chunk
+    policies = {"long": _policy(cfg, "full"), "short": _policy(cfg, "sliding", short_frames + chunk)}
+    sums: dict[str, dict[str, list[float]]] = {}
+    example = None
+    dev = next(net.parameters()).device
+    for bi, batch in enumerate(batches):
+        video, camera = batch["video"].to(dev), batch["camera"].to(dev)
+        if video.shape[1] < n_ctx + n_tgt:
+            raise ValueError(f"held-out clips have {video.shape[1]} frames; the evaluation needs "
+                             f"{n_ctx + n_tgt} (teacher.context_frames + target): raise data.clip_frames")
+        truth = video[:, n_ctx:n_ctx + n_tgt]
+        age = batch["age"][:, n_ctx:n_ctx + n_tgt].to(dev)  # [B, T, H, W]
+        t_abs = torch.arange(n_ctx, n_ctx + n_tgt, device=dev)[None, :, None, None]
+        regions = {
+            "all": torch.ones_like(age, dtype=torch.bool),
+            "recent": (age >= 1) & (t_abs - age >= n_ctx - short_frames),
+            "memory": (age >= 1) & (t_abs - age < n_ctx - short_frames),
+            "never": age < 0,
+        }
+        for lo, hi in AGE_BINS:
+            regions[f"age{lo}-{hi if hi < 10**9 else 'inf'}"] = (age >= lo) & (age <= hi)
+        preds = {
+            name: continue_clips(net, cfg, video, camera, batch["prompt"], n_ctx, n_chunks, pol, seed=bi)
+            for name, pol in policies.items()
+        }
+        preds["shift_last"] = shift_last(video[:, n_ctx - 1], camera[:, n_ctx - 1],
+                                         camera[:, n_ctx:n_ctx + n_tgt])
+        preds["copy_last"] = video[:, n_ctx - 1:n_ctx].expand_as(truth)
+        for name, pred in preds.items():
+            se = (pred.float() - truth.float()).pow(2).mean(2)  # [B, T, H, W] over channels
+            acc = sums.setdefault(name, {})
+            for r, m in regions.items():
+                s, n = acc.get(r, [0.0, 0])
+                acc[r] = [s + float(se[m].sum()), n + int(m.sum())]
+        if example is None:
+            example = {"context": video[0, n_ctx - 4:n_ctx].cpu(), "truth": truth[0].cpu(),
+                       **{k: v[0].cpu() for k, v in preds.items()}}
+    out: dict = {"pixels": {r: n for r, (_, n) in sums["long"].items()}, "frames": example}
+    for name, acc in sums.items():
+        out[name] = {r: _psnr(s, n) for r, (s, n) in acc.items()}
+    return out

@@ -1,0 +1,184 @@
+"""The context teacher: video continuation by flow matching, optionally with ERFT.
+
+A training sample is a clip cut into [history ; target]: a history of random length (a multiple
+of the chunk, up to `teacher.context_frames`) read through the teacher's memory policy, then a
+target window of `teacher.target_chunks` chunks that attend to each other bidirectionally. One
+forward runs over [selected history ; noisy target] with a frame mask (history block-causal, as
+the cache would have seen it; the target sees all of it). The loss is on the target only.
+
+With `erft=True` (the `teacher_erft` stage) the module also keeps a `ResidualBank` of its own
+x0 errors and perturbs history, target and noise with them (cf.train.erft).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from cf.diffusion import add_noise, sample_sigma, target
+from cf.errors import CfError
+from cf.memory import build_policy
+from cf.model import CausalVideoDiT, Cond, block_causal_mask
+from cf.train.base import EMA, adamw_with_schedule, step_generator
+from cf.train.erft import ResidualBank, draw_injection
+
+LOSS_BINS = 4  # per-noise-level losses logged as teacher/loss_sigma<k>
+
+
+def teacher_policy(cfg):
+    """The policy the teacher reads its history through (`teacher.memory`, other knobs from memory.*)."""
+    mem = copy.deepcopy(cfg.memory)
+    mem.policy = cfg.teacher.memory
+    return build_policy(mem, cfg.model.frames_per_chunk)
+
+
+def history_mask(indices: Tensor, n_target: int, chunk: int) -> Tensor:
+    """[K + T, K + T] bool frame mask over [selected history ; target].
+
+    History frame i sees history frame j when j's chunk is not after i's (what the cache held
+    when i was written); the target sees every history frame and itself; history never sees the
+    target.
+    """
+    k = len(indices)
+    c = indices // chunk
+    m = torch.zeros(k + n_target, k + n_target, dtype=torch.bool)
+    m[:k, :k] = c[None, :] <= c[:, None]
+    m[k:, :] = True
+    return m
+
+
+class TeacherModule(pl.LightningModule):
+    def __init__(self, cfg, erft: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.net = CausalVideoDiT(cfg.model, cfg.data)
+        self.policy = teacher_policy(cfg)
+        self.chunk = cfg.model.frames_per_chunk
+        self.n_target = cfg.teacher.target_chunks * self.chunk
+        need = cfg.teacher.context_frames + self.n_target
+        if cfg.data.clip_frames < self.n_target + self.chunk:
+            raise CfError(f"data.clip_frames={cfg.data.clip_frames} leaves no history before a "
+                          f"{self.n_target}-frame target; use data.clip_frames >= {need}")
+        self.max_hist = min(cfg.teacher.context_frames, cfg.data.clip_frames - self.n_target) // self.chunk
+        self.min_hist = -(-cfg.teacher.min_context_frames // self.chunk)
+        if self.min_hist > self.max_hist:
+            raise CfError(f"teacher.min_context_frames={cfg.teacher.min_context_frames} exceeds the longest "
+                          f"history that fits ({self.max_hist * self.chunk} frames)")
+        self.erft = erft
+        if erft:
+            shape = (cfg.model.channels, cfg.data.height, cfg.data.width)
+            self.bank = ResidualBank(cfg.erft.bins, cfg.erft.bank_size, shape)
+        self.ema = EMA(self.net, cfg.trainer.ema)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        steps = self.cfg.erft.steps if self.erft else self.cfg.trainer.max_steps
+        return adamw_with_schedule(self.net.parameters(), self.cfg.trainer, total_steps=steps)
+
+    def on_train_batch_end(self, *args) -> None:
+        self.ema.update(self.net)
+
+    def on_save_checkpoint(self, ckpt: dict) -> None:
+        ckpt["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, ckpt: dict) -> None:
+        if "ema" in ckpt:
+            self.ema.load_state_dict(ckpt["ema"])
+
+    # ------------------------------------------------------------------ the step
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss, logs = self.loss(batch, self.global_step)
+        self.log("teacher/loss", loss, prog_bar=True)
+        for k, v in logs.items():
+            self.log(k, v)
+        return loss
+
+    def loss(self, batch: dict, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """Flow-matching loss on the target window; returns (loss, extra logs)."""
+        cfg = self.cfg
+        video, camera = batch["video"], batch["camera"]  # [B, F, C, H, W], [B, F, 2]
+        b, f = video.shape[:2]
+        shared = step_generator(cfg.seed, step, None)  # choices every rank agrees on
+        g = step_generator(cfg.seed, step, self.global_rank, stream=1)
+        n_hist = self.chunk * int(torch.randint(self.min_hist, self.max_hist + 1, (1,), generator=shared))
+        start = int(torch.randint(0, f - n_hist - self.n_target + 1, (1,), generator=shared))
+        hist = video[:, start:start + n_hist]
+        x0 = video[:, start + n_hist:start + n_hist + self.n_target]
+        cam = camera[:, start:start + n_hist + self.n_target]
+
+        null = torch.rand(b, generator=g) < cfg.teacher.cond_drop
+        cond = self.net.make_cond(batch["prompt"], camera=None, null=null.to(self.device))
+        plan = self.policy.plan(n_hist, self._mean_keys(hist, cam, cond), n_query=self.n_target)
+        idx = plan.indices.to(self.device)
+
+        sigma = sample_sigma((b,), cfg.diffusion.train_shift, generator=g, device=self.device)
+        sigma = sigma.to(video.dtype)[:, None].expand(b, self.n_target)
+        noise = torch.randn(x0.shape, generator=g).to(x0)
+        hist_in, x0_in, noise_in = hist[:, idx], x0, noise
+        if self.erft:
+            hist_in, x0_in, noise_in = self._inject(hist_in, x0, noise, sigma, g)
+        x_t = add_noise(x0_in, noise_in, sigma)
+
+        x = torch.cat([hist_in, x_t], dim=1)
+        sig = torch.cat([sigma.new_zeros(b, len(idx)), sigma], dim=1)
+        seq_cam = torch.cat([cam[:, idx], cam[:, n_hist:]], dim=1)
+        seq_cond = Cond(text=cond.text, text_mask=cond.text_mask, camera=seq_cam, null=cond.null)
+        time_pos = torch.cat([plan.positions, plan.query_positions]).to(self.device)
+        mask = history_mask(plan.indices, self.n_target, self.chunk).to(self.device)
+        pred = self.net(x, sig, seq_cond, time_pos=time_pos, frame_mask=mask).pred[:, len(idx):]
+
+        per_sample = (pred - target(x0, noise, cfg.model.prediction)).pow(2).flatten(1).mean(1)  # [B]
+        logs = self._bin_losses(per_sample.detach(), sigma[:, 0])
+        if self.erft:
+            x0_pred = pred.detach() if cfg.model.prediction == "x0" else (x_t - sigma[..., None, None, None]
+                                                                          * pred.detach())
+            if step % cfg.erft.collect_every == 0:
+                self.bank.add((x0_pred - x0).flatten(0, 1), sigma.flatten())
+            logs["teacher/bank_filled"] = torch.tensor(float(self.bank.filled()))
+        return per_sample.mean(), logs
+
+    def _mean_keys(self, hist: Tensor, cam: Tensor, cond: Cond) -> Tensor | None:
+        """Mean keys of the history frames, for policies that promote by key similarity."""
+        if not self.policy.needs_keys or hist.shape[1] == 0:
+            return None
+        n = hist.shape[1]
+        with torch.no_grad():
+            c = Cond(text=cond.text, text_mask=cond.text_mask, camera=cam[:, :n], null=cond.null)
+            out = self.net(hist, hist.new_zeros(hist.shape[:2]), c,
+                           time_pos=torch.arange(n, device=self.device),
+                           frame_mask=block_causal_mask(n, self.chunk, self.device))
+        return out.mean_key
+
+    def _inject(self, hist: Tensor, x0: Tensor, noise: Tensor, sigma: Tensor, g: torch.Generator):
+        """ERFT: add recycled errors to history, clean target and noise, per the drawn injection."""
+        e = self.cfg.erft
+        inj = draw_injection(hist.shape[0], e.p_clean, e.p_history, e.p_target, e.p_noise, g)
+        dev = self.device
+
+        def residuals(like: Tensor, sig: Tensor) -> Tensor:
+            return self.bank.sample(sig.flatten().cpu(), generator=g).to(like).reshape(like.shape)
+
+        if hist.shape[1]:
+            # history errors come from the low-noise bins: the student's history is finished
+            # frames, whose errors look like late-step x0 errors, not like high-noise blur
+            hs = torch.rand(hist.shape[:2], generator=g) * e.history_sigma_max
+            hist = hist + inj.history.to(dev)[:, None, None, None, None] * residuals(hist, hs)
+        x0 = x0 + inj.target.to(dev)[:, None, None, None, None] * residuals(x0, sigma)
+        noise = noise + inj.noise.to(dev)[:, None, None, None, None] * residuals(noise, sigma)
+        return hist, x0, noise
+
+    @staticmethod
+    def _bin_losses(per_sample: Tensor, sigma: Tensor) -> dict[str, Tensor]:
+        bins = (sigma.float() * LOSS_BINS).long().clamp_max(LOSS_BINS - 1)
+        return {f"teacher/loss_sigma{k}": per_sample[bins == k].mean()
+                for k in range(LOSS_BINS) if bool((bins == k).any())}
+
+    def ema_net(self) -> CausalVideoDiT:
+        """A copy of the network with the EMA weights (what sampling and the next stage use)."""
+        net = copy.deepcopy(self.net)
+        if self.ema.enabled:
+            self.ema.copy_to(net)
+        return net.eval()

@@ -1,0 +1,75 @@
+"""Running the teacher stages: `teacher` (flow matching) and `teacher_erft` (resumes from it with ERFT).
+
+Each stage: train (resuming from its own last.ckpt after a kill), then evaluate the EMA network's
+continuation of held-out clips (cf.train.continuation), write `eval.json`, a contact sheet and a
+sample video into `<out>/<stage>/`, and log all of it to the stage's MLflow run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from cf import tracking
+from cf.data import WorldDataset
+from cf.data.datamodule import VideoDataModule
+from cf.errors import CfError
+from cf.train.base import ckpt_path, fit, load_module_weights, make_trainer
+from cf.train.continuation import evaluate
+from cf.train.teacher import TeacherModule
+from cf.utils import atomic_write_json, seed_everything
+from cf.video import contact_sheet, write_video
+
+STAGES = {"teacher": False, "teacher_erft": True}
+
+
+def train_teacher(cfg, out_dir: str | Path, stage: str = "teacher", evaluate_after: bool = True) -> Path:
+    """Train one teacher stage; returns its checkpoint. A finished stage only re-evaluates."""
+    erft = STAGES[stage]
+    out_dir = Path(out_dir)
+    seed_everything(cfg.seed)
+    module = TeacherModule(cfg, erft=erft)
+    if erft and not ckpt_path(out_dir, stage).is_file():
+        src = ckpt_path(out_dir, "teacher")
+        if not src.is_file():
+            raise CfError(f"teacher_erft starts from the teacher's checkpoint {str(src)!r}, which does not "
+                          f"exist; run `cf train teacher --out {out_dir}` first")
+        module.net.load_state_dict(load_module_weights(src, prefix="net.", ema_key="ema"))
+        module.ema.load_state_dict({"shadow": {k: v.clone() for k, v in module.net.state_dict().items()
+                                               if k in dict(module.net.named_parameters())},
+                                    "num_updates": 0, "decay": cfg.trainer.ema})
+    steps = cfg.erft.steps if erft else cfg.trainer.max_steps
+    with tracking.start_run(cfg, stage) as run:
+        trainer = make_trainer(cfg, out_dir, stage, logger=run.lightning_logger(), max_steps=steps)
+        last = fit(trainer, module, VideoDataModule(cfg), out_dir, stage)
+        if evaluate_after and trainer.is_global_zero:
+            report(module, cfg, out_dir / stage, trainer.global_step)
+    return last
+
+
+def eval_batches(cfg, n_clips: int):
+    data = WorldDataset(cfg.data, seed=cfg.data.eval_seed, count=n_clips)
+    return DataLoader(data, batch_size=min(cfg.data.batch_size * 2, n_clips))
+
+
+def report(module: TeacherModule, cfg, stage_dir: Path, step: int) -> dict:
+    """Evaluate, write eval.json + contact sheet + sample video, log them to the open run."""
+    net = module.ema_net().to(module.device)
+    with torch.no_grad():
+        res = evaluate(net, cfg, eval_batches(cfg, cfg.data.eval_clips))
+    frames = res.pop("frames")
+    metrics = {f"teacher/psnr_{m}_{r}": v for m in ("long", "short", "shift_last", "copy_last")
+               for r, v in res[m].items() if v is not None}
+    tracking.log_metrics(metrics, step=step)
+    atomic_write_json(stage_dir / "eval.json", {"step": step, **res})
+    order = ["context", "truth", "long", "short", "shift_last", "copy_last"]
+    sheet = contact_sheet(stage_dir / "continuation.png", [frames[k] for k in order], row_labels=order,
+                          title=f"teacher continuation at step {step} (context: last 4 of "
+                                f"{cfg.teacher.context_frames} frames)")
+    clip = torch.cat([frames["context"], frames["long"]], 0)
+    video = write_video(stage_dir / "continuation.mp4", clip, cfg.data.fps, scale=8)
+    for path in (sheet, video, stage_dir / "eval.json"):
+        tracking.log_artifact(path)
+    return res
