@@ -175,22 +175,26 @@ def _exit_steps(exit_step, n_chunks: int, n_steps: int) -> list[int]:
 
 
 class ChunkTimer(RolloutCallback):
-    """Seconds per chunk (synchronising CUDA at chunk boundaries, so in the observer, not the loop)."""
+    """Wall seconds per chunk (synchronising CUDA at chunk boundaries: in the observer, not the loop),
+    and this process's CPU seconds per chunk (less sensitive to other processes on a shared CPU)."""
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.cuda = torch.device(device).type == "cuda"
         self.latencies: list[float] = []
+        self.cpu_times: list[float] = []
 
-    def _now(self) -> float:
+    def _now(self) -> tuple[float, float]:
         if self.cuda:
             torch.cuda.synchronize()
-        return time.perf_counter()
+        return time.perf_counter(), time.process_time()
 
     def on_chunk_start(self, chunk, cache):
         self._t0 = self._now()
 
     def on_chunk_end(self, chunk, frames, cache):
-        self.latencies.append(self._now() - self._t0)
+        wall, cpu = self._now()
+        self.latencies.append(wall - self._t0[0])
+        self.cpu_times.append(cpu - self._t0[1])
 
 
 class CacheBytes(RolloutCallback):

@@ -1,0 +1,95 @@
+"""`cf bench rollout`: per-chunk latency and cache bytes of one memory policy over a long rollout.
+
+Random weights (speed does not depend on them), batch 1, the student's few-step sampler (each
+chunk = its steps + one cache-writing pass at sigma 0), a panning camera. Prints one JSON object
+with --json; `measure` is the library entry (benchmarks/bench_rollout.py runs it per policy).
+"""
+
+COMMAND = ("bench", "rollout")
+HELP = "time a long rollout per chunk for one memory policy; --json prints one JSON object"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--policy", default=None, help="memory policy (default: memory.policy)")
+    p.add_argument("--chunks", type=int, default=200, help="chunks to generate (default 200)")
+    p.add_argument("--sampler", choices=("student", "teacher"), default="student")
+    p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
+
+
+def run(args, cfg) -> int:
+    import json
+
+    from cf.errors import CfError
+
+    if args.chunks < 1:
+        raise CfError(f"--chunks {args.chunks} must be >= 1")
+    if args.policy is not None:
+        cfg.memory.policy = args.policy
+    result = measure(cfg, args.chunks, sampler=args.sampler, progress=not args.json)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        lat, k = result["chunk_latency_s"], min(20, args.chunks)
+        print(f"{result['policy']} @ {result['preset']} on {result['device']} ({result['dtype']}): "
+              f"{lat[k - 1] * 1e3:.1f} ms at chunk {k}, {lat[-1] * 1e3:.1f} ms at chunk {len(lat)}; "
+              f"{result['kv_bytes'][-1] / 2**20:.2f} MiB cached; {result['video_fps']:.1f} video frames/s")
+    return 0
+
+
+def measure(cfg, n_chunks: int, *, sampler: str = "student", progress: bool = False) -> dict:
+    """Roll out `n_chunks` chunks with random weights; return the per-chunk figures as a dict."""
+    import statistics
+
+    import torch
+
+    from cf.diffusion import build_sampler
+    from cf.memory import KVCache, build_policy
+    from cf.model import attention_kernels, build_model, precision
+    from cf.rollout import CacheBytes, ChunkTimer, Progress, rollout
+    from cf.utils import compute_dtype, git_sha, pick_device, set_threads
+
+    set_threads(cfg.trainer.threads)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, device).eval()
+    chunk = cfg.model.frames_per_chunk
+    frames = n_chunks * chunk
+    # a pan at the world's speed: positions move like in the world, at no data cost
+    xs = torch.arange(frames, dtype=torch.float64) * cfg.data.camera_speed
+    camera = torch.stack([xs, torch.zeros_like(xs)], 1)[None].to(device)
+    policy = build_policy(cfg.memory, chunk)
+    timer, nbytes = ChunkTimer(device), CacheBytes()
+    callbacks = [timer, nbytes]
+    if progress:
+        callbacks.append(Progress(n_chunks, desc=f"bench {cfg.memory.policy}"))
+    smp = build_sampler(cfg.diffusion, sampler)
+    with torch.no_grad(), precision(cfg.model, device), attention_kernels(cfg.model):
+        cond = model.make_cond(["a benchmark of the rollout"], camera=camera)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        rollout(model, KVCache(policy), smp, cond, n_chunks, generator=gen, callbacks=callbacks)
+    tail = timer.latencies[-min(20, n_chunks):]
+    latent_fps = chunk / statistics.median(tail)
+    return {
+        "policy": cfg.memory.policy,
+        "preset": cfg.preset,
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({torch.get_num_threads()} threads)"),
+        "dtype": str(compute_dtype(cfg.model.dtype, device)).replace("torch.", ""),
+        "chunks": n_chunks,
+        "frames_per_chunk": chunk,
+        "sampler_steps": smp.n_steps,
+        "forwards_per_chunk": smp.n_steps + 1,
+        "tokens_per_frame": model.tokens_per_frame(),
+        "params": sum(p.numel() for p in model.parameters()),
+        "memory": {k: cfg.memory[k] for k in ("sink_frames", "slow_frames", "window_frames",
+                                              "bounded_positions")},
+        "position_bound": policy.position_bound,
+        "chunk_latency_s": timer.latencies,
+        "chunk_cpu_s": timer.cpu_times,
+        "kv_bytes": nbytes.nbytes,
+        "kv_frames": nbytes.frames,
+        "latent_fps": latent_fps,
+        "video_fps": latent_fps * cfg.model.video_frames_per_latent,
+        "torch": torch.__version__,
+        "git_sha": git_sha(),
+    }

@@ -1,0 +1,78 @@
+"""`cf generate` and `cf bench rollout` end to end at the smoke preset."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cf.cli import main
+from cf.video import read_video
+
+
+def _generate(tmp_path, seconds, *extra):
+    out = tmp_path / "gen"
+    rc = main(["generate", "--preset", "smoke", "--memory", "slowfast", "--seconds", str(seconds),
+               "--out", str(out), *extra])
+    assert rc == 0
+    return out / "smoke_slowfast_seed0"
+
+
+def _check_video(stem, frames, fps, context=0):
+    mp4, mp4_fps = read_video(stem.with_suffix(".mp4"))
+    gif, _ = read_video(stem.with_suffix(".gif"))
+    assert mp4.shape == (frames, 256, 256, 3) and mp4_fps == fps  # 16x16 scaled up to be watchable
+    # the gif is native size; Pillow merges identical consecutive frames, so it may hold fewer
+    assert gif.shape[1:] == (16, 16, 3) and frames // 2 <= gif.shape[0] <= frames
+    assert mp4.std() > 1  # not a blank video
+    meta = json.loads(stem.with_suffix(".json").read_text())
+    assert meta["frames"] == frames and len(meta["camera"]) == frames and meta["policy"] == "slowfast"
+    assert meta["prompt"].startswith("A camera")
+    assert len(meta["chunk_latency_s"]) == -(-(frames - context) // 2)
+    return meta
+
+
+def test_generate_writes_a_playable_video(tmp_path):
+    stem = _generate(tmp_path, 4)
+    meta = _check_video(stem, 32, 8)
+    xs = [c[0] for c in meta["camera"]]
+    assert all(abs(b - a) <= 2 for a, b in zip(xs, xs[1:])) and len(set(xs)) > 8  # the world's pan
+
+
+def test_generate_continues_from_world_context(tmp_path):
+    stem = _generate(tmp_path, 2, "--context", "4", "--sampler", "teacher", "--guidance", "2")
+    meta = _check_video(stem, 4 + 16, 8, context=4)
+    assert meta["context_frames"] == 4 and meta["sampler"] == "teacher" and meta["guidance"] == 2.0
+
+
+@pytest.mark.slow
+def test_generate_a_minute(tmp_path):
+    _check_video(_generate(tmp_path, 60), 480, 8)
+
+
+def test_generate_rejects_bad_context(tmp_path, capsys):
+    argv = ["generate", "--preset", "smoke", "--seconds", "1", "--context", "3", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "multiple of model.frames_per_chunk=2" in capsys.readouterr().err
+
+
+def test_bench_rollout_json(capsys):
+    for policy in ("full", "sink"):
+        rc = main(["bench", "rollout", "--preset", "smoke", "--policy", policy, "--chunks", "6", "--json",
+                   "memory.sink_frames=1", "memory.window_frames=4"])
+        assert rc == 0
+        r = json.loads(capsys.readouterr().out)
+        assert r["policy"] == policy and r["preset"] == "smoke" and r["chunks"] == 6
+        assert len(r["chunk_latency_s"]) == len(r["kv_bytes"]) == 6
+        assert r["latent_fps"] > 0 and r["video_fps"] == r["latent_fps"]  # smoke: 1 video frame per latent
+        kv = r["kv_bytes"]
+        if policy == "full":
+            assert r["kv_frames"] == [2, 4, 6, 8, 10, 12]
+            assert all(b == kv[0] * (i + 1) for i, b in enumerate(kv))
+        else:  # sink 1 + 2 history frames of the window: full after the second chunk, constant after
+            assert r["kv_frames"] == [2, 3, 3, 3, 3, 3] and len(set(kv[1:])) == 1
+
+
+def test_bench_rollout_unknown_policy(capsys):
+    assert main(["bench", "rollout", "--preset", "smoke", "--policy", "slowfsat", "--chunks", "2"]) == 2
+    assert "valid memory policy names: full, sink, sliding, slowfast" in capsys.readouterr().err
