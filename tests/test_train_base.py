@@ -234,7 +234,7 @@ def test_bare_dataloader_is_not_silently_resumed_from_zero(tmp_path):
     fit(make_trainer(cfg, tmp_path, "toy"), Toy(cfg),
         DataLoader(ToyStream(), batch_size=B), tmp_path, "toy")
     cfg = toy_cfg("trainer.max_steps=4")
-    with pytest.raises(CfError, match="should start at sample 6 but starts at 0"):
+    with pytest.raises(CfError, match="should continue at sample 6 but starts at 0"):
         fit(make_trainer(cfg, tmp_path, "toy"), Toy(cfg),
             DataLoader(ToyStream(), batch_size=B), tmp_path, "toy")
 

@@ -17,12 +17,13 @@ Data stream protocol (the world dataset, and any endless training stream):
     (split across ranks and DataLoader workers as it sees fit, but so that the stream from `start`
     is exactly the continuation of the stream from 0 after `start` samples). If it also has
     `rank` and `world_size` attributes they are set to the trainer's.
-On resume `StreamPosition` sets `start = batches_done * batch_size * world_size`, which is
-`global_step * batch_size * world_size` when each training step takes one optimizer step, so the
-resumed run sees exactly the samples an uninterrupted run would have seen. It counts batches
-itself (not `global_step`) because a manual-optimisation module may step several optimizers per
-batch. Lightning fetches the first batch right after `datamodule.train_dataloader()` returns, with
-no hook in between, so `StreamPosition` wraps that method for the duration of the fit.
+On resume `StreamPosition` sets `start` to the samples consumed so far, `batches * batch_size *
+world_size` (`global_step * batch_size * world_size` when each training step takes one optimizer
+step), so the resumed run sees exactly the samples an uninterrupted run would have seen. It
+counts batches itself, not `global_step`, because a manual-optimisation module may step several
+optimizers per batch. A fresh run starts at 0 whatever `start` the dataset was built with.
+Lightning fetches the first batch right after `datamodule.train_dataloader()` returns, with no
+hook in between, so `StreamPosition` wraps that method for the duration of the fit.
 """
 
 from __future__ import annotations
@@ -105,21 +106,24 @@ class AtomicCheckpoint(Checkpoint):
 
     def __init__(self, path: str | Path, every_n_steps: int, config_yaml: str, stage: str):
         self.path, self.every, self.config_yaml, self.stage = Path(path), every_n_steps, config_yaml, stage
-        self.last_saved_step: int | None = None
+        self.last_saved_step: int | None = None  # step of the checkpoint on disk, for messages
+        self._anchor = 0  # step the save schedule counts from; identical on every rank
+        self._saved_at: int | None = None  # step of this run's latest save
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Decisions to save depend on global_step only: every rank must call save_checkpoint together.
+        self._anchor, self._saved_at = trainer.global_step, None
         self.last_saved_step = trainer.global_step if self.path.is_file() else None
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         # Saved here, before the next batch, rather than at the end of the previous one: the
         # module's own on_train_batch_end (EMA update, residual collection) runs after every
         # callback's, so a checkpoint taken in that hook would miss it.
-        since = trainer.global_step - (self.last_saved_step or 0)
-        if self.every > 0 and since >= self.every:
+        if self.every > 0 and trainer.global_step - self._anchor >= self.every:
             self.save(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.global_step != self.last_saved_step:
+        if self._saved_at != trainer.global_step:
             self.save(trainer, pl_module)
 
     def on_save_checkpoint(
@@ -129,15 +133,15 @@ class AtomicCheckpoint(Checkpoint):
         checkpoint["cf_stage"] = self.stage
 
     def save(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        finite = all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
-        if _any_rank(trainer, not finite):
+        finite = torch.stack([torch.isfinite(p).all() for p in pl_module.parameters()]).all()
+        if _any_rank(trainer, not bool(finite)):
             raise NonFiniteError(
                 f"{self.stage}: the weights are not finite at step {trainer.global_step}; not overwriting "
                 f"the last good checkpoint {self.path} (step {self.last_saved_step}). Lower trainer.lr or "
                 "check the data"
             )
         trainer.save_checkpoint(self.path, weights_only=False)  # False: the full training state
-        self.last_saved_step = trainer.global_step
+        self._anchor = self._saved_at = self.last_saved_step = trainer.global_step
 
 
 class NonFiniteStop(Callback):
@@ -165,11 +169,14 @@ class NonFiniteStop(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, *args: Any
     ) -> None:
         values = self._watched(trainer, outputs)
-        bad = {k: v for k, v in values.items() if not bool(torch.isfinite(v).all())}
+        finite = torch.stack([torch.isfinite(v).all().cpu() for v in values.values()]) if values else None
+        bad = (
+            {} if finite is None else {k: v for (k, v), ok in zip(values.items(), finite.tolist()) if not ok}
+        )
         if not _any_rank(trainer, bool(bad)):
             return
         what = (
-            ", ".join(f"{k}={v.float().mean().item()}" for k, v in bad.items()) or "a metric on another rank"
+            ", ".join(f"{k}={v.float().mean().item()}" for k, v in bad.items()) or "a value on another rank"
         )
         ckpt = trainer.checkpoint_callback
         kept = "no checkpoint was written yet"
@@ -202,27 +209,35 @@ class StreamPosition(Callback):
     """Resumes the training stream exactly where the checkpoint left it (see the module docstring)."""
 
     def __init__(self) -> None:
-        self.batches = 0  # training batches consumed on each rank; saved in every checkpoint
+        self.batches = 0  # training batches consumed on each rank
+        self.samples = 0  # stream samples consumed by all ranks together: where the stream resumes
+        self._per_batch = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"batches": self.batches}
+        return {"batches": self.batches, "samples": self.samples}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.batches = int(state_dict["batches"])
+        self.batches, self.samples = int(state_dict["batches"]), int(state_dict["samples"])
 
-    def samples_done(self, trainer: Trainer, batch_size: int) -> int:
-        return self.batches * batch_size * trainer.world_size
-
-    def position(self, trainer: Trainer, loader: Any) -> None:
-        """Point `loader`'s dataset at the next sample this run has not consumed yet."""
+    @staticmethod
+    def _stream(loader: Any) -> Any:
+        """The loader's dataset if it follows the stream protocol, else None."""
         dataset = getattr(loader, "dataset", None)
         if dataset is None or not hasattr(dataset, "start"):
-            return
+            return None
         if loader.batch_size is None:
             raise CfError(
-                "the training DataLoader has batch_size=None; StreamPosition needs it to count samples"
+                "the training DataLoader has batch_size=None; StreamPosition needs the batch "
+                "size to count the samples consumed (let the DataLoader do the batching)"
             )
-        dataset.start = self.samples_done(trainer, loader.batch_size)
+        return dataset
+
+    def position(self, trainer: Trainer, loader: Any) -> None:
+        """Point `loader`'s dataset at the first sample this run has not consumed yet."""
+        dataset = self._stream(loader)
+        if dataset is None:
+            return
+        dataset.start = self.samples
         if hasattr(dataset, "rank") and hasattr(dataset, "world_size"):
             dataset.rank, dataset.world_size = trainer.global_rank, trainer.world_size
 
@@ -245,24 +260,21 @@ class StreamPosition(Callback):
             del dm.train_dataloader
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Catch streams that were not positioned (a bare DataLoader handed to trainer.fit on resume)."""
         loader = trainer.train_dataloader
-        dataset = getattr(loader, "dataset", None)
-        if self.batches == 0 or dataset is None:
-            return
-        if not hasattr(dataset, "start"):
-            return  # a finite (folder) dataset: Lightning restarts its epoch; nothing exact to check
-        expected = self.samples_done(trainer, loader.batch_size)
-        if dataset.start != expected:
+        dataset = self._stream(loader)
+        if dataset is None:
+            return  # e.g. a finite folder dataset: Lightning restarts its epoch, nothing exact to do
+        self._per_batch = loader.batch_size * trainer.world_size
+        if dataset.start != self.samples:  # a bare DataLoader handed to fit: it could not be positioned
             raise CfError(
-                f"resuming after {self.batches} batches, the training stream should start at sample "
-                f"{expected} "
+                f"after {self.batches} batches the training stream should continue at sample {self.samples} "
                 f"but starts at {dataset.start}; pass a LightningDataModule to cf.train.base.fit (its "
                 "train_dataloader is positioned automatically) instead of a ready-made DataLoader"
             )
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         self.batches += 1
+        self.samples += self._per_batch
 
 
 class StepProgressBar(ProgressBar):
