@@ -92,6 +92,39 @@ class Toy(LightningModule):
         self.ema.load_state_dict(checkpoint["ema"])
 
 
+class ManualToy(Toy):
+    """CDMD's shape: manual optimisation, a critic step every batch, a generator step on a shared
+    random draw, its own clipping; global_step then grows by 1 or 2 per batch."""
+
+    def __init__(self, cfg, nan_at=None):
+        super().__init__(cfg, nan_at)
+        self.automatic_optimization = False
+        self.critic = nn.Linear(4, 1)
+
+    def configure_optimizers(self):
+        gen = adamw_with_schedule(self.net.parameters(), self.cfg.trainer)
+        critic = adamw_with_schedule(self.critic.parameters(), self.cfg.trainer, lr=0.02)
+        return [gen["optimizer"], critic["optimizer"]], [gen["lr_scheduler"], critic["lr_scheduler"]]
+
+    def training_step(self, batch, batch_idx):
+        (gen_opt, critic_opt), (gen_sched, critic_sched) = self.optimizers(), self.lr_schedulers()
+        step = self.global_step
+        noise = torch.randn(batch["x"].shape, generator=step_generator(0, step, self.global_rank),
+                            dtype=batch["x"].dtype)
+        x = batch["x"] + 0.1 * noise
+        for opt, sched, net in ((critic_opt, critic_sched, self.critic), (gen_opt, gen_sched, self.net)):
+            if opt is gen_opt and torch.rand(1, generator=step_generator(0, step)) < 0.5:
+                continue  # shared draw: every rank skips the same generator steps
+            opt.zero_grad()
+            value = (net(x) - batch["y"]).pow(2).mean()
+            self.manual_backward(value)
+            self.clip_gradients(opt, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+            opt.step()
+            sched.step()
+            self.log("toy/critic_loss" if opt is critic_opt else "toy/gen_loss", value)
+        self.seen.extend(batch["i"].tolist())
+
+
 class SimulatedKill(Exception):
     pass
 
@@ -103,7 +136,7 @@ class KillAt(Callback):
         self.step = step
 
     def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == self.step:
+        if trainer.global_step >= self.step:
             raise SimulatedKill(f"killed at step {self.step}")
 
 
@@ -114,9 +147,9 @@ def toy_cfg(*overrides):
     return load_config("smoke", overrides=[*base, *overrides])
 
 
-def train(cfg, out, callbacks=(), nan_at=None):
-    module = Toy(cfg, nan_at)
-    fit(make_trainer(cfg, out, "toy", callbacks=callbacks), module, ToyData(), out, "toy")
+def train(cfg, out, callbacks=(), nan_at=None, cls=Toy, **kw):
+    module = cls(cfg, nan_at)
+    fit(make_trainer(cfg, out, "toy", callbacks=callbacks, **kw), module, ToyData(), out, "toy")
     return module
 
 
@@ -151,6 +184,21 @@ def test_killed_run_resumes_to_identical_weights(reference, tmp_path):
     assert ref.seen == list(range(10 * B))
     assert_same_training(ref, resumed)
     assert load_checkpoint(ckpt_path(tmp_path, "toy"))["global_step"] == 10
+
+
+def test_manual_optimisation_resumes_exactly(tmp_path):
+    cfg = toy_cfg()
+    ref = train(cfg, tmp_path / "ref", cls=ManualToy, grad_clip=0)
+    with pytest.raises(SimulatedKill):
+        train(cfg, tmp_path / "run", callbacks=[KillAt(7)], cls=ManualToy, grad_clip=0)
+    saved = load_checkpoint(ckpt_path(tmp_path / "run", "toy"))
+    resumed = train(cfg, tmp_path / "run", cls=ManualToy, grad_clip=0)
+    done = saved["callbacks"]["StreamPosition"]["samples"]
+    assert 0 < done < len(ref.seen) and done % B == 0
+    assert B < len(ref.seen) < 10 * B  # some batches took two optimizer steps, some one
+    assert resumed.seen == ref.seen[done:]  # batches, not global steps, position the stream
+    assert_same_training(ref, resumed)
+    assert all(torch.equal(p, q) for p, q in zip(ref.critic.parameters(), resumed.critic.parameters()))
 
 
 def test_wall_clock_stop_saves_and_resumes_exactly(reference, tmp_path):
