@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -94,27 +94,20 @@ def rollout(
     run_cond = cond.with_null(b) if guidance != 1 else cond
     twice = (lambda t: torch.cat([t, t])) if guidance != 1 else (lambda t: t)
 
-    def write(frames: Tensor, f0: int, read: CacheRead | None) -> None:
-        c = run_cond.frames(f0, f0 + frames.shape[1])
-        with torch.no_grad():
-            x = twice(frames.detach().to(param.dtype))
-            out = model(x, x.new_zeros(x.shape[:2]), c, time_pos=_query_pos(read, cache), read=read)
-        cache.write(out.kv, c.camera, out.mean_key)
-
     cache.reset()
-    for j in range(n_ctx // chunk):
-        write(context[:, j * chunk:(j + 1) * chunk], j * chunk, _read(model, cache))
+    if context is not None:
+        prefill(model, cache, twice(context), run_cond)
 
     outputs = []
     for j in range(n_chunks):
         f0 = n_ctx + j * chunk
         for cb in callbacks:
             cb.on_chunk_start(j, cache)
-        read = _read(model, cache)
+        read = read_for_query(model, cache)
         c = run_cond.frames(f0, f0 + chunk)
-        tpos = _query_pos(read, cache)
+        tpos = read.query_positions
         if noise is not None:
-            x = noise[:, j * chunk:(j + 1) * chunk].to(param.device, param.dtype)
+            x = noise[:, j * chunk:(j + 1) * chunk].to(param.device, param.dtype, non_blocking=True)
         else:
             x = randn_like(param.new_empty(b, chunk, *frame_shape), generator)
         grad_here = torch.is_grad_enabled() and j >= n_chunks - grad_chunks
@@ -133,22 +126,47 @@ def rollout(
                     x = sampler.step(x, x0, i, generator)
         outputs.append(x0)
         if write_last or j < n_chunks - 1:
-            write(x0, f0, read)
+            write_clean(model, cache, twice(x0), c, read)
         for cb in callbacks:
             cb.on_chunk_end(j, x0, cache)
     return RolloutResult(video=torch.cat(outputs, dim=1), exit_steps=exits)
 
 
-def _read(model: torch.nn.Module, cache: KVCache) -> CacheRead | None:
-    if cache.used == 0:
-        return None
-    return model.rotate_read(cache.read())
+def read_for_query(model: torch.nn.Module, cache: KVCache, n_query: int | None = None) -> CacheRead:
+    """The cache's read for the next query, keys rotated once (reused by every sampler step)."""
+    read = cache.read(n_query)
+    device = next(model.parameters()).device
+    if read.n_frames == 0:  # nothing held yet: only the query's positions matter, on the model's device
+        return replace(read, query_positions=read.query_positions.to(device, non_blocking=True))
+    return model.rotate_read(read)
 
 
-def _query_pos(read: CacheRead | None, cache: KVCache) -> Tensor:
-    if read is not None:
-        return read.query_positions
-    return cache.read().query_positions  # empty cache: the policy still says where the chunk sits
+@torch.no_grad()
+def write_clean(model: torch.nn.Module, cache: KVCache, frames: Tensor, cond: Cond,
+                read: CacheRead | None = None) -> None:
+    """Run clean frames [B, m, C, H, W] at sigma 0 on `read` and write their keys/values to the cache.
+
+    cond covers exactly these m frames; read defaults to the cache's current read.
+    """
+    read = read_for_query(model, cache, frames.shape[1]) if read is None else read
+    x = frames.detach().to(next(model.parameters()).dtype)
+    out = model(x, x.new_zeros(x.shape[:2]), cond, time_pos=read.query_positions, read=read)
+    cache.write(out.kv, cond.camera, out.mean_key)
+
+
+def prefill(model: torch.nn.Module, cache: KVCache, frames: Tensor, cond: Cond) -> None:
+    """Write clean history [B, Fh, C, H, W] chunk by chunk at sigma 0, continuing the cache's video.
+
+    cond covers the whole video from frame 0 (its camera is sliced at the cache's frame index).
+    This is what a rollout does with its context, and how a teacher or critic reads a student's
+    history through the policy: prefill, then `read_for_query` and one forward on the target.
+    """
+    chunk = cache.policy.chunk
+    if frames.shape[1] % chunk:
+        raise CfError(f"history has {frames.shape[1]} frames, not a multiple of the {chunk}-frame chunk")
+    for j in range(0, frames.shape[1], chunk):
+        f0 = cache.n_written
+        write_clean(model, cache, frames[:, j:j + chunk], cond.frames(f0, f0 + chunk))
 
 
 def _batch_size(cond: Cond, context: Tensor | None, noise: Tensor | None) -> int:

@@ -259,3 +259,29 @@ def test_bad_arguments_say_what_to_do():
     cache = KVCache(build_policy(cfg.memory, 3))
     with pytest.raises(CfError, match="built for 3-frame chunks"):
         rollout(model, cache, build_sampler(cfg.diffusion, "student"), cond, 1)
+
+
+def test_prefill_writes_history_like_the_rollout():
+    """A teacher/critic reads a student's history by prefilling a cache: the same keys as the rollout's."""
+    from cf.rollout import prefill, read_for_query
+
+    cfg, model, cond = setup("slowfast", **{"memory.promotion": "uniform", "memory.promote_every": 1})
+    with torch.no_grad():
+        res, cache = run(cfg, model, cond, n_chunks=5)
+        other = KVCache(build_policy(cfg.memory, 2))
+        prefill(model, other, res.video, cond)
+    a, b = read_for_query(model, cache), read_for_query(model, other)
+    assert a.times.tolist() == b.times.tolist() and torch.equal(a.positions, b.positions)
+    assert all((ka - kb).abs().max() < 1e-10 for ka, kb in zip(a.k, b.k))
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype")  # CPU autocast leaves RMSNorm unfused; CUDA does not
+def test_bf16_autocast_keeps_the_cache_in_bf16():
+    """The CUDA path in miniature: under bf16 autocast the cache holds bf16 keys and values."""
+    cfg = load_config("smoke", overrides=["memory.policy=sink"])
+    model = CausalVideoDiT(cfg.model, cfg.data)
+    cond = model.make_cond(["a cat"], camera=torch.rand(1, 8, 2) * 20)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        res, cache = run(cfg, model, cond, n_chunks=4)
+    r = cache.read()
+    assert r.k[0].dtype == r.v[0].dtype == torch.bfloat16 and torch.isfinite(res.video).all()

@@ -68,4 +68,5 @@ def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     """
     gen_device = generator.device if generator is not None else x.device
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    return torch.randn(x.shape, generator=generator, device=gen_device, dtype=dtype).to(x.device, x.dtype)
+    eps = torch.randn(x.shape, generator=generator, device=gen_device, dtype=dtype)
+    return eps.to(x.device, x.dtype, non_blocking=True)  # no stream sync for a CPU generator

@@ -36,7 +36,8 @@ class SelfAttention(nn.Module):
         """
         b, f, n, d = x.shape
         q, k, v = self.qkv(x).view(b, f, n, 3, self.heads, self.head_dim).unbind(3)
-        q, k = self.norm_q(q), self.norm_k(k)
+        # autocast runs the norms in fp32; back to v's dtype so the cache stores bf16 keys, not fp32
+        q, k = self.norm_q(q).to(v.dtype), self.norm_k(k).to(v.dtype)
         qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, vals = kr.flatten(1, 2), v.flatten(1, 2)  # [B, F*N, H, Dh]
         if read_kv is not None:
@@ -64,7 +65,7 @@ class CrossAttention(nn.Module):
         b, f, n, d = x.shape
         q = self.norm_q(self.q(x).view(b, f * n, self.heads, self.head_dim))
         k, v = self.kv(ctx).view(b, ctx.shape[1], 2, self.heads, self.head_dim).unbind(2)
-        k = self.norm_k(k)
+        q, k = q.to(v.dtype), self.norm_k(k).to(v.dtype)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=ctx_mask[:, None, None, :]
         )

@@ -33,7 +33,7 @@ class Rope3D(nn.Module):
         ad = angle_dtype(dtype)
         f_t, f_h, f_w = (self.theta ** (-torch.arange(0, d, 2, device=y.device, dtype=ad) / d)
                          for d in self.dims)
-        t = t.to(ad)[None, :, None, None].expand(*y.shape, 1)
+        t = t.to(device=y.device, dtype=ad)[None, :, None, None].expand(*y.shape, 1)
         ang = torch.cat([t * f_t, y.to(ad)[..., None] * f_h, x.to(ad)[..., None] * f_w], dim=-1)
         ang = ang.unsqueeze(-2)
         return ang.cos(), ang.sin()
