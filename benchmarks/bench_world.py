@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "world",
         "git_sha": git_sha(short=True),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    # other processes slow a shared machine down; best-of-N only partly hides it
+                    "load_average_1min": round(os.getloadavg()[0], 2)},
         "method": f"best of {args.repeats}: render {args.render_frames} frames of one world; stream "
                   f"{args.stream_clips} clips of fresh worlds through WorldDataset (one process)",
         "results": rows,

@@ -227,8 +227,9 @@ def _limit_colours(img: np.ndarray, n: int) -> np.ndarray:
     ~1 grey level more error; no dithering)."""
     from PIL import Image
 
-    packed = (img[..., 0].astype(np.int32) << 16) | (img[..., 1].astype(np.int32) << 8) | img[..., 2]
-    if np.unique(packed).size <= n:
+    packed = np.sort(((img[..., 0].astype(np.int32) << 16) | (img[..., 1].astype(np.int32) << 8)
+                      | img[..., 2]).ravel())
+    if 1 + np.count_nonzero(packed[1:] != packed[:-1]) <= n:  # distinct colours (np.unique is slower)
         return img
     q = Image.fromarray(img).quantize(colors=n, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
     return np.array(q.convert("RGB"))

@@ -182,7 +182,7 @@ class World:
 
     def render(self, n_frames: int, start: int = 0) -> Clip:
         """Frames at world times start .. start + n_frames - 1 with their ground truth."""
-        import torch
+        import torch  # here, not at the top: config validation imports this module for CAMERA_PATHS
 
         if n_frames < 1 or start < 0:
             raise CfError(f"cannot render n_frames={n_frames} from start={start}; "
