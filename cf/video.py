@@ -93,13 +93,32 @@ def _write_av(path: Path, frames: np.ndarray, fps: float, crf: int, codec: str, 
 def _write_gif(path: Path, frames: np.ndarray, fps: float) -> None:
     from PIL import Image
 
-    # One global palette and no dithering: equal input pixels always map to equal palette entries,
-    # so a revisit that is exact in the arrays stays exact in the gif.
-    stack = Image.fromarray(frames.reshape(-1, frames.shape[2], 3))
-    palette = stack.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-    images = [Image.fromarray(f).quantize(palette=palette, dither=Image.Dither.NONE) for f in frames]
-    images[0].save(path, format="GIF", save_all=True, append_images=images[1:],
-                   duration=max(1, int(round(1000 / fps))), loop=0, optimize=False, disposal=1)
+    t, h, w, _ = frames.shape
+    packed = (frames[..., 0].astype(np.int32) << 16) | (frames[..., 1].astype(np.int32) << 8) | frames[..., 2]
+    colours, index = np.unique(packed, return_inverse=True)
+    if len(colours) <= 256:
+        # Exact: one palette entry per colour (Pillow's quantize(palette=...) looks colours up in a
+        # reduced-precision cache, so distinct nearby colours would merge).
+        palette = np.stack([colours >> 16, (colours >> 8) & 255, colours & 255], 1).astype(np.uint8)
+        index = index.reshape(t, h, w).astype(np.uint8)
+        images = []
+        for f in index:
+            im = Image.fromarray(f, mode="P")
+            im.putpalette(palette.tobytes())
+            images.append(im)
+    else:
+        # One global palette and no dithering: equal input pixels always map to equal palette entries,
+        # so a revisit that is exact in the arrays stays exact in the gif.
+        stack = Image.fromarray(frames.reshape(-1, w, 3))
+        pal = stack.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+        images = [Image.fromarray(f).quantize(palette=pal, dither=Image.Dither.NONE) for f in frames]
+    # GIF delays are whole centiseconds: give each frame the delay that keeps the running time exact,
+    # and record the frame rate, so a reader can restore frames Pillow merges (it writes a run of
+    # identical frames as one frame with the summed delay).
+    ends = np.round(np.arange(1, t + 1) * 100.0 / fps) * 10
+    durations = np.diff(np.concatenate([[0.0], ends])).astype(int).tolist()
+    images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=durations,
+                   loop=0, optimize=False, disposal=1, comment=f"cf fps={fps:g}")
 
 
 def read_video(path: str | Path, max_frames: int | None = None) -> tuple[np.ndarray, float]:
@@ -136,17 +155,28 @@ def _read_gif(path: Path, max_frames: int | None) -> tuple[np.ndarray, float]:
 
     try:
         with Image.open(path) as im:
-            duration = im.info.get("duration", 125) or 125
-            frames = []
+            comment = im.info.get("comment", b"")
+            comment = comment.decode(errors="replace") if isinstance(comment, bytes) else str(comment)
+            fps = float(comment.split("fps=")[1].split()[0]) if comment.startswith("cf fps=") else None
+            frames, clock = [], 0
             for frame in ImageSequence.Iterator(im):
-                frames.append(np.asarray(frame.convert("RGB")))
+                rgb = np.asarray(frame.convert("RGB"))
+                duration = frame.info.get("duration", 0) or 0
+                if fps is None:
+                    fps = 1000.0 / (duration or 125)
+                    repeat = 1
+                else:  # frames from the running time: restores runs of identical frames
+                    repeat = round((clock + duration) * fps / 1000) - round(clock * fps / 1000)
+                clock += duration
+                frames.extend([rgb] * max(1, repeat))
                 if max_frames is not None and len(frames) >= max_frames:
+                    frames = frames[:max_frames]
                     break
     except Exception as e:  # noqa: BLE001
         raise VideoReadError(path, f"{type(e).__name__}: {e}") from None
     if not frames:
         raise VideoReadError(path, "it decodes to zero frames")
-    return np.stack(frames), 1000.0 / duration
+    return np.stack(frames), fps
 
 
 def contact_sheet(

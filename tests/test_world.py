@@ -199,9 +199,6 @@ def test_cf_world_rejects_nothing_to_write(tmp_path, capsys):
     assert "--n 0" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(reason="cf.video's gif writer maps colours through Pillow's lossy palette lookup and "
-                          "Pillow merges identical consecutive frames; the world keeps every video within "
-                          "253 colours so an exact writer can be exact", strict=False)
 def test_world_gif_is_pixel_exact(tmp_path):
     from cf.video import write_video
 
