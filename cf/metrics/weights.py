@@ -1,0 +1,135 @@
+"""Finding and loading pretrained weights from local files only. Nothing here ever downloads.
+
+A backbone names what it needs in a `WeightSpec`; `find_weights` looks for it in the place the user
+named (`bench.weights`, a file or a folder) and in torch's hub cache (``$TORCH_HOME/hub/checkpoints``),
+and raises `MissingWeightsError` saying which file is needed and how to pass it when nothing is found.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cf.errors import CfError
+
+# File names that Hugging Face snapshots of timm / open_clip models use.
+HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors",
+                   "pytorch_model.bin")
+
+
+class MissingWeightsError(CfError):
+    """Pretrained weights that are not on this machine; the message says what to get and how to pass it."""
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    what: str  # e.g. "DINO ViT-B/16 weights"
+    files: tuple[str, ...] = ()  # exact file names that hold these weights
+    prefixes: tuple[str, ...] = ()  # or any `<prefix>*.pth` (torchvision names end in a hash)
+    hf_dirs: tuple[str, ...] = ()  # or an HF_WEIGHT_FILES file in a folder whose path contains one
+    source: str = ""  # where a user gets them, for the error message
+
+    def matches(self, path: Path) -> bool:
+        name = path.name
+        if name in self.files:
+            return True
+        if any(name.startswith(p) and name.endswith(".pth") for p in self.prefixes):
+            return True
+        return name in HF_WEIGHT_FILES and any(d in str(path.parent) for d in self.hf_dirs)
+
+    def describe(self) -> str:
+        names = [*self.files, *(f"{p}*.pth" for p in self.prefixes)]
+        names += [f"a Hugging Face snapshot folder named like '*{d}*'" for d in self.hf_dirs]
+        return f"{self.what} ({' or '.join(names)}{'; ' + self.source if self.source else ''})"
+
+
+def hub_checkpoints_dir() -> Path:
+    """torch's local cache of downloaded checkpoints; only read, never filled by cf."""
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _search_dir(root: Path, spec: WeightSpec) -> Path | None:
+    if not root.is_dir():
+        return None
+    found = []
+    for dirpath, _, filenames in os.walk(root, followlinks=True):
+        found += [Path(dirpath) / f for f in filenames if spec.matches(Path(dirpath) / f)]
+    return sorted(found)[0] if found else None
+
+
+def find_weights(spec: WeightSpec, weights: str | None, *, who: str, for_backbone: bool, option: str) -> Path:
+    """The local file holding `spec`'s weights.
+
+    `weights` is `bench.weights`: a file is taken as it is when `for_backbone` (it is the feature
+    backbone's own file) or when its name matches `spec`; otherwise its folder is searched. A folder is
+    searched recursively by file name. torch's hub cache is searched last. `who` (e.g. "backbone 'dino'")
+    and `option` (how the user passes a path) make the error message.
+    """
+    searched = []
+    if weights:
+        path = Path(weights).expanduser()
+        if path.is_file():
+            if for_backbone or spec.matches(path):
+                return path.resolve()
+            path = path.parent
+        if not path.exists():
+            raise MissingWeightsError(f"{who}: bench.weights={weights!r} does not exist; expected a weight "
+                                      f"file or a folder holding {spec.describe()}")
+        hit = _search_dir(path, spec)
+        if hit is not None:
+            return hit.resolve()
+        searched.append(str(path))
+    hub = hub_checkpoints_dir()
+    hit = _search_dir(hub, spec)
+    if hit is not None:
+        return hit.resolve()
+    searched.append(f"{hub} (torch hub cache)")
+    raise MissingWeightsError(
+        f"{who} needs {spec.describe()}; not found in {', '.join(searched)}. Put the file on this machine "
+        f"and pass it (or a folder holding it) with {option}. cf never downloads weights."
+    )
+
+
+def load_state_dict(path: str | Path) -> dict:
+    """A state dict from .safetensors or a torch file (weights_only), unwrapped from common containers
+    ({'state_dict': ...}, {'model': ...}, DINO's {'teacher': ...}) and stripped of 'module.' /
+    'backbone.' prefixes."""
+    import torch
+
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch/safetensors raise many types; all mean "not weights"
+        raise CfError(f"cannot load weights from {str(path)!r}: {type(e).__name__}: {e}") from None
+    for key in ("state_dict", "model", "teacher"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not sd:
+        raise CfError(f"{str(path)!r} holds no state dict (a dict of tensors); got {type(sd).__name__}")
+    for prefix in ("module.", "backbone."):
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_into(model, state_dict: dict, path: str | Path, what: str, ignore: tuple[str, ...] = ()) -> None:
+    """Load `state_dict` into `model`; missing keys mean the file holds other weights: say so."""
+    kept = {k: v for k, v in state_dict.items() if not k.startswith(ignore)}
+    try:
+        result = model.load_state_dict(kept, strict=False)
+    except RuntimeError as e:  # shape mismatches: another architecture's weights
+        first = str(e).split("\n\t")[1] if "\n\t" in str(e) else str(e)
+        raise CfError(f"{str(path)!r} does not hold {what}: {first}; pass the right file with --weights / "
+                      f"bench.weights") from None
+    missing = [k for k in result.missing_keys if not k.startswith(ignore)]
+    if missing:
+        raise CfError(f"{str(path)!r} does not hold {what}: {len(missing)} weights missing "
+                      f"(e.g. {', '.join(missing[:4])}); pass the right file with --weights / bench.weights")
