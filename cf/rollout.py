@@ -103,33 +103,59 @@ def rollout(
         f0 = n_ctx + j * chunk
         for cb in callbacks:
             cb.on_chunk_start(j, cache)
-        read = read_for_query(model, cache)
-        c = run_cond.frames(f0, f0 + chunk)
-        tpos = read.query_positions
         if noise is not None:
             x = noise[:, j * chunk:(j + 1) * chunk].to(param.device, param.dtype, non_blocking=True)
         else:
             x = randn_like(param.new_empty(b, chunk, *frame_shape), generator)
-        grad_here = torch.is_grad_enabled() and j >= n_chunks - grad_chunks
-        for i in range(exits[j] + 1):
-            sigma = sampler.sigmas[i]
-            with torch.set_grad_enabled(grad_here and i == exits[j]):
-                xin = twice(x)
-                sig = xin.new_full(xin.shape[:2], sigma)
-                x0 = to_x0(model(xin, sig, c, time_pos=tpos, read=read).pred, xin, sig, model.prediction)
-                if guidance != 1:
-                    x0 = guide(*x0.chunk(2), guidance)
-            for cb in callbacks:
-                cb.on_step(j, i, x, x0, sigma)
-            if i < exits[j]:
-                with torch.no_grad():
-                    x = sampler.step(x, x0, i, generator)
+        x0 = chunk_step(model, cache, sampler, run_cond.frames(f0, f0 + chunk), x, exit_step=exits[j],
+                        grad=torch.is_grad_enabled() and j >= n_chunks - grad_chunks, generator=generator,
+                        guidance=guidance, write=write_last or j < n_chunks - 1, callbacks=callbacks, index=j)
         outputs.append(x0)
-        if write_last or j < n_chunks - 1:
-            write_clean(model, cache, twice(x0), c, read)
         for cb in callbacks:
             cb.on_chunk_end(j, x0, cache)
     return RolloutResult(video=torch.cat(outputs, dim=1), exit_steps=exits)
+
+
+def chunk_step(
+    model: torch.nn.Module,
+    cache: KVCache,
+    sampler: Sampler,
+    cond: Cond,
+    x: Tensor,
+    *,
+    exit_step: int,
+    grad: bool = False,
+    generator: torch.Generator | None = None,
+    guidance: float = 1.0,
+    write: bool = True,
+    callbacks: Sequence[RolloutCallback] = (),
+    index: int = 0,
+) -> Tensor:
+    """The body of the rollout loop: one chunk from noise x [B, C, ...] to its x0 at `exit_step`.
+
+    Reads the cache (rotated once), runs the sampler's steps (only the exit step with gradient, and
+    only if `grad`), then writes the clean chunk at sigma 0 without gradient (if `write`). cond is
+    this chunk's conditioning, already [cond ; null] doubled when guidance != 1. Returns x0.
+    """
+    twice = (lambda t: torch.cat([t, t])) if guidance != 1 else (lambda t: t)
+    read = read_for_query(model, cache)
+    for i in range(exit_step + 1):
+        sigma = sampler.sigmas[i]
+        with torch.set_grad_enabled(grad and i == exit_step):
+            xin = twice(x)
+            sig = xin.new_full(xin.shape[:2], sigma)
+            x0 = to_x0(model(xin, sig, cond, time_pos=read.query_positions, read=read).pred, xin, sig,
+                       model.prediction)
+            if guidance != 1:
+                x0 = guide(*x0.chunk(2), guidance)
+        for cb in callbacks:
+            cb.on_step(index, i, x, x0, sigma)
+        if i < exit_step:
+            with torch.no_grad():
+                x = sampler.step(x, x0, i, generator)
+    if write:
+        write_clean(model, cache, twice(x0), cond, read)
+    return x0
 
 
 def read_for_query(model: torch.nn.Module, cache: KVCache, n_query: int | None = None) -> CacheRead:

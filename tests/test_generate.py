@@ -59,12 +59,13 @@ def test_generate_rejects_bad_context(tmp_path, capsys):
 def test_bench_rollout_json(capsys):
     for policy in ("full", "sink"):
         rc = main(["bench", "rollout", "--preset", "smoke", "--policy", policy, "--chunks", "6", "--json",
-                   "memory.sink_frames=1", "memory.window_frames=4"])
+                   "--repeats", "2", "memory.sink_frames=1", "memory.window_frames=4"])
         assert rc == 0
         r = json.loads(capsys.readouterr().out)
         assert r["policy"] == policy and r["preset"] == "smoke" and r["chunks"] == 6
         assert len(r["chunk_latency_s"]) == len(r["kv_bytes"]) == 6
         assert r["latent_fps"] > 0 and r["video_fps"] == r["latent_fps"]  # smoke: 1 video frame per latent
+        assert set(r["probe_latency_s"]) == {"6"} and len(r["probe_samples_s"]["6"]) == 2
         kv = r["kv_bytes"]
         if policy == "full":
             assert r["kv_frames"] == [2, 4, 6, 8, 10, 12]
