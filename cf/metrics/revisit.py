@@ -7,7 +7,8 @@ the comparison to the background seen in both. A model that remembers reproduces
 - Revisit error of a pair: MSE (on [0, 1] RGB) and PSNR over the masked pixels, and LPIPS (spatial
   map averaged over the mask) when an LPIPS net is available. An exact revisit has MSE 0; its PSNR is
   capped at `PSNR_CAP_DB` (100 dB) instead of infinity, so means over pairs stay finite.
-- By lag: pairs are grouped by lag (frames); each group reports mean MSE, mean PSNR, mean LPIPS.
+- By lag: pairs are grouped by lag (frames); each group reports the mean MSE, the PSNR of that mean
+  MSE (not a mean of capped per-pair PSNRs, which one exact pair would dominate) and the mean LPIPS.
 - Effective context length: with e(L) the mean MSE at lag L and L_0 the shortest lag measured, the
   largest lag L such that every measured lag L' <= L has e(L') <= factor * max(e(L_0), MSE_FLOOR)
   (`bench.context_factor`). MSE_FLOOR (the MSE at the PSNR cap) keeps an exact short-lag revisit from
@@ -105,7 +106,8 @@ def effective_context(lags: Sequence[float], mse: Sequence[float], factor: float
 
 class RevisitError(Metric):
     """Revisit error by lag over all pairs seen. `compute` -> dict of [L] tensors (one per distinct lag):
-    lag, lag_s, pairs, mse, psnr, lpips (NaN without an LPIPS net); and `skipped` (empty-mask pairs)."""
+    lag, lag_s, pairs, mse, psnr (of the mean MSE), lpips (NaN without an LPIPS net); and `skipped`
+    (pairs whose mask was empty)."""
 
     full_state_update = False
     higher_is_better = None
@@ -114,7 +116,7 @@ class RevisitError(Metric):
     def __init__(self, lpips=None, **kwargs):
         super().__init__(**kwargs)
         self.lpips = lpips
-        for name in ("lag", "lag_s", "mse", "psnr", "lpips_value"):
+        for name in ("lag", "lag_s", "mse", "lpips_value"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
         self.add_state("skipped", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
@@ -134,7 +136,6 @@ class RevisitError(Metric):
         self.lag.append(lag)
         self.lag_s.append(lag / fps)
         self.mse.append(err["mse"])
-        self.psnr.append(err["psnr"])
         self.lpips_value.append(err["lpips"])
 
     def compute(self) -> dict[str, torch.Tensor]:
@@ -149,8 +150,9 @@ class RevisitError(Metric):
         def mean(x):
             return torch.zeros_like(values).index_add_(0, group, dim_zero_cat(x).double()) / count
 
-        return {"lag": values, "lag_s": mean(self.lag_s), "pairs": count.long(), "mse": mean(self.mse),
-                "psnr": mean(self.psnr), "lpips": mean(self.lpips_value), "skipped": self.skipped}
+        mse = mean(self.mse)
+        return {"lag": values, "lag_s": mean(self.lag_s), "pairs": count.long(), "mse": mse,
+                "psnr": psnr_from_mse(mse), "lpips": mean(self.lpips_value), "skipped": self.skipped}
 
 
 class AgeBinnedError(Metric):

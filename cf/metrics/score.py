@@ -24,7 +24,7 @@ from cf.metrics.backbones import embed_frames, get_backbone
 from cf.metrics.consistency import FirstFrameConsistency, VBenchConsistency, drift_of
 from cf.metrics.lpips_net import lpips_or_reason
 from cf.metrics.motion import FLOW_METHOD, INTERPOLATOR, DynamicDegree, MotionSmoothness
-from cf.metrics.revisit import PSNR_CAP_DB, RevisitError, check_pairs, effective_context
+from cf.metrics.revisit import PSNR_CAP_DB, RevisitError, check_pairs, effective_context, psnr_from_mse
 
 
 def _num(x) -> float | None:
@@ -149,9 +149,10 @@ class VideoScorer:
         if len(r["lag"]) == 0:
             return None, none
         w = r["pairs"].double()
-        pooled = {k: _num((r[k] * w).sum() / w.sum()) for k in ("mse", "psnr", "lpips")}
+        pooled = {k: (r[k] * w).sum() / w.sum() for k in ("mse", "lpips")}
         rows = zip(r["lag"], r["lag_s"], r["pairs"], r["mse"], r["psnr"], r["lpips"])
-        block = {"pairs": int(w.sum()), "skipped_pairs": int(r["skipped"]), **pooled, "by_lag": [
+        block = {"pairs": int(w.sum()), "skipped_pairs": int(r["skipped"]), "mse": _num(pooled["mse"]),
+                 "psnr": _num(psnr_from_mse(pooled["mse"])), "lpips": _num(pooled["lpips"]), "by_lag": [
             {"lag": int(lag), "lag_s": _num(ls), "pairs": int(n), "mse": _num(m), "psnr": _num(p),
              "lpips": _num(lp)} for lag, ls, n, m, p, lp in rows]}
         lag, bound = effective_context(r["lag"].tolist(), r["mse"].tolist(), self.context_factor)
