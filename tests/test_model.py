@@ -186,3 +186,15 @@ def test_wrong_frame_size_is_explained():
     with pytest.raises(CfError, match=r"expects \(3, 16, 16\)"):
         model(torch.zeros(1, 2, 3, 32, 32), torch.zeros(1, 2), Cond(camera=torch.zeros(1, 2, 2)),
               time_pos=torch.arange(2))
+
+
+def test_pinned_attention_kernel_gives_the_same_result(f64):
+    from cf.model import attention_kernels
+
+    cfg, model = make("smoke", "model.attention_backend=math")
+    x, sigma, cam = inputs(cfg, f=4)
+    cond = model.make_cond(["a cat", "a dog"], camera=cam)
+    auto = model(x, sigma, cond, time_pos=torch.arange(4), frame_mask=block_causal_mask(4, 2)).pred
+    with attention_kernels(cfg.model):
+        math = model(x, sigma, cond, time_pos=torch.arange(4), frame_mask=block_causal_mask(4, 2)).pred
+    assert (auto - math).abs().max() < 1e-12
