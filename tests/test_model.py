@@ -101,6 +101,7 @@ def test_reading_history_equals_attending_to_it_in_one_call(f64):
         for (k1, v1), (k2, v2) in zip(one.kv, two.kv):
             assert (k1[:, 4:] - k2).abs().max() < 1e-10 and (v1[:, 4:] - v2).abs().max() < 1e-10
         assert torch.equal(model.rotate_read(model.rotate_read(read)).k[0], model.rotate_read(read).k[0])
+        assert read.k[0].requires_grad and not read.detach().k[0].requires_grad
 
 
 def test_world_positions_make_the_camera_matter_and_frame_positions_do_not(f64):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import torch
 from torch import Tensor
 
 
@@ -59,10 +58,5 @@ class CacheRead:
         )
 
     def detach(self) -> CacheRead:
+        """The same read without gradient (history read from a forward that had one)."""
         return replace(self, k=[k.detach() for k in self.k], v=[v.detach() for v in self.v])
-
-    def repeat_batch(self, n: int) -> CacheRead:
-        """Tile the batch n times (e.g. to evaluate guidance's two halves on one read)."""
-        cat = lambda t: torch.cat([t] * n)
-        return replace(self, k=[cat(k) for k in self.k], v=[cat(v) for v in self.v],
-                       cameras=None if self.cameras is None else cat(self.cameras))
