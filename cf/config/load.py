@@ -176,6 +176,12 @@ def validate(cfg: DictConfig) -> None:
     for key in ("sink_frames", "window_frames", "slow_frames", "promote_after"):
         if mem[key] < 0:
             raise ConfigError(f"memory.{key}={mem[key]} must be >= 0")
+    if mem.window_frames < m.frames_per_chunk:
+        raise ConfigError(
+            f"memory.window_frames={mem.window_frames} is smaller than model.frames_per_chunk="
+            f"{m.frames_per_chunk}: the window counts the frames a chunk attends to including itself; "
+            f"set memory.window_frames >= {m.frames_per_chunk}"
+        )
     if mem.promote_every < 1:
         raise ConfigError(f"memory.promote_every={mem.promote_every} must be >= 1 (chunks between checks)")
     for key in ("train_shift", "sample_shift", "student_shift"):
