@@ -18,7 +18,7 @@ def test_layers_apply_in_order():
     assert cfg.model.dim == 32  # from the preset
     assert cfg.memory.policy == "sliding"  # from the method
     assert cfg.memory.window_frames == 7  # from the command line
-    assert load_config("smoke").memory.window_frames == 2
+    assert load_config("smoke").memory.window_frames == 4
 
 
 def test_wan_preset_has_wan_shapes():
@@ -82,3 +82,8 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     assert main(["config", "--preset", "smoke", "--memory", "sliding", "model.depth=3"]) == 0
     out = capsys.readouterr().out
     assert "policy: sliding" in out and "depth: 3" in out
+
+
+def test_window_smaller_than_a_chunk_is_refused_at_load():
+    with pytest.raises(ConfigError, match="memory.window_frames=1 is smaller than model.frames_per_chunk=2"):
+        load_config("smoke", overrides=["memory.window_frames=1"])
