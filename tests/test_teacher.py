@@ -93,3 +93,41 @@ def test_shift_last_moves_the_frame_by_the_camera_offset():
     out = shift_last(last, torch.tensor([[0.0, 0.0]]), torch.tensor([[[1.0, 0.0]]]))
     # camera moved right by 1: pixel x shows what was at x+1; the new right column repeats the edge
     assert out[0, 0, 0].tolist() == [[1, 2, 3, 3], [5, 6, 7, 7], [9, 10, 11, 11], [13, 14, 15, 15]]
+
+
+class _Kill(Exception):
+    pass
+
+
+def _fit_teacher(cfg, out, erft, kill_at=None):
+    from lightning.pytorch import Callback
+
+    from cf.data.datamodule import VideoDataModule
+    from cf.train.base import fit, make_trainer
+
+    class KillAt(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if kill_at is not None and trainer.global_step == kill_at:
+                raise _Kill
+
+    torch.manual_seed(0)
+    module = TeacherModule(cfg, erft=erft)
+    trainer = make_trainer(cfg, out, "stage", callbacks=[KillAt()], progress_bar=False, max_steps=5)
+    fit(trainer, module, VideoDataModule(cfg), out, "stage")
+    return module
+
+
+@pytest.mark.parametrize("erft", [False, True])
+def test_killed_teacher_resumes_to_identical_weights(tmp_path, erft):
+    """Killed at step 3 (checkpoint at step 2) and resumed: the same weights, EMA and ERFT bank
+    as a run never stopped (float64 on the CPU; every draw is keyed by (seed, step))."""
+    cfg = _cfg("model.dtype=fp64", "trainer.max_steps=5", "trainer.ckpt_every=2", "tracking.enabled=false",
+               "erft.steps=5")
+    ref = _fit_teacher(cfg, tmp_path / "ref", erft)
+    with pytest.raises(_Kill):
+        _fit_teacher(cfg, tmp_path / "run", erft, kill_at=3)
+    resumed = _fit_teacher(cfg, tmp_path / "run", erft)
+    assert resumed.trainer.global_step == ref.trainer.global_step == 5
+    for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert all(torch.equal(a, resumed.ema.shadow[k]) for k, a in ref.ema.shadow.items())
