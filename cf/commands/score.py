@@ -18,7 +18,7 @@ HELP = "score videos on disk: consistency, drift, motion, revisit error and effe
 
 def add_arguments(p) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="video files or folders of them (key=value config overrides may follow)")
+                   help="video files or folders of them; key=value config overrides may follow the paths")
     p.add_argument("--backbone", default=None,
                    help="feature backbone (bench.backbone): pixels, imagenet, dino, dinov2, clip")
     p.add_argument("--background-backbone", default=None,

@@ -9,7 +9,8 @@
   pixels, and a video is dynamic if at least ``round(4 * n / 16)`` of its n sampled frames' pairs move.
   Flow: `FLOW_METHOD`, a dense pyramidal Lucas-Kanade in torch. The video's dynamic degree is 0 or 1;
   over several videos, the fraction that is dynamic. `flow_magnitude` (pixels per sampled frame, mean
-  over pairs of the top-5 % magnitude) is reported beside it.
+  over pairs of the top-5 % magnitude) is reported beside it. Flow is computed with the shorter side
+  at most `FLOW_MAX_SIDE` pixels (CPU cost) and its magnitudes scaled back to the frame's pixels.
 
 Videos are float ``[B, T, 3, H, W]`` in [-1, 1] or uint8 ``[B, T, H, W, 3]``; they are converted a
 few frames at a time so long high-resolution videos need not fit in memory as floats.

@@ -114,9 +114,9 @@ class VideoScorer:
         self.backbone = get_backbone(backbone or b.backbone, b.weights)
         bg = background_backbone or b.background_backbone or self.backbone
         self.background = get_backbone(bg, b.weights)
-        if lpips == "auto" and b.lpips:
+        if isinstance(lpips, str) and b.lpips:  # "auto"
             self.lpips, self.lpips_note = lpips_or_reason(b.weights)
-        elif lpips == "auto":
+        elif isinstance(lpips, str):
             self.lpips, self.lpips_note = None, "off (bench.lpips=false)"
         else:
             self.lpips, self.lpips_note = lpips, (None if lpips is not None else "off")
@@ -163,7 +163,10 @@ class VideoScorer:
                        "effective_context_is_lower_bound": bound}
 
     def score(self, frames, fps: float, revisits=None, masks=None) -> dict:
-        """One video: uint8 [T, H, W, 3] (numpy or torch) or float [T, 3, H, W] in [-1, 1]."""
+        """One video: uint8 [T, H, W, 3] (numpy or torch) or float [T, 3, H, W] in [-1, 1]; revisits
+        [P, 3] (t_first, t_revisit, lag) in frames; masks [P, H, W] bool (True = compare). Returns this
+        video's results and adds them to the aggregate. Revisit 'psnr' values are the PSNR of the mean
+        MSE (per lag, and over all pairs)."""
         video = torch.as_tensor(frames) if isinstance(frames, np.ndarray) else frames
         if video.ndim != 4:
             raise CfError(f"expected one video [T, H, W, 3] (uint8) or [T, 3, H, W] (float), "
@@ -173,16 +176,15 @@ class VideoScorer:
         t = video.shape[0]
         if t < 3:
             raise CfError(f"a video needs at least 3 frames to be scored (motion smoothness), got {t}")
-        video = video.to(self.device)
         hw = tuple(video.shape[1:3] if video.dtype == torch.uint8 else video.shape[-2:])
+        if revisits is not None:  # checked before any metric is updated: a bad video leaves no trace
+            revisits, masks = check_pairs(revisits, masks, t, hw)
+        video = video.to(self.device)
         feats = embed_frames(self.backbone, video)[None]  # [1, T, D]
         bg = feats if self.background is self.backbone else embed_frames(self.background, video)[None]
         curve = self.first_frame(feats, fps)
         dyn = self.dynamic(video[None], fps)
-        r = None
-        if revisits is not None:
-            pairs, masks = check_pairs(revisits, masks, t, hw)
-            r = self.revisit(video, pairs, fps, masks)
+        r = self.revisit(video, revisits, fps, masks) if revisits is not None else None
         block, ctx = self._revisit_section(r)
         self.videos += 1
         return {
