@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cf.cli import main
+from cf.errors import CfError
 from cf.metrics.score import VideoScorer, read_sidecar, score_video
 from cf.video import write_video
 
@@ -94,6 +95,8 @@ def test_scorer_aggregates_over_videos(smoke_cfg):
     scorer = VideoScorer(smoke_cfg, backbone="random")
     a = scorer.score(frames, 8.0, pairs)
     b = scorer.score(frames[::-1].copy(), 8.0)
+    with pytest.raises(CfError, match="revisit pair 0"):
+        scorer.score(frames, 8.0, [[0, len(frames), len(frames)]])  # rejected before any metric moves
     agg = scorer.aggregate()
     assert agg["videos"] == 2
     mean = (a["subject_consistency"] + b["subject_consistency"]) / 2
