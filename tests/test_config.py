@@ -25,7 +25,8 @@ def test_wan_preset_has_wan_shapes():
     cfg = load_config("wan")
     tokens = (cfg.data.height // cfg.model.patch_size) * (cfg.data.width // cfg.model.patch_size)
     assert tokens == 1560
-    assert (cfg.model.depth, cfg.model.dim, cfg.model.heads, cfg.model.dim // cfg.model.heads) == (30, 1536, 12, 128)
+    m = cfg.model
+    assert (m.depth, m.dim, m.heads, m.dim // m.heads) == (30, 1536, 12, 128)
     assert cfg.memory.sink_frames + cfg.memory.slow_frames + cfg.memory.window_frames == 21
 
 
