@@ -66,7 +66,8 @@ def write_video(path: str | Path, video, fps: float, *, crf: int = 10, scale: in
         elif suffix in (".mp4", ".webm", ".mkv", ".mov"):
             _write_av(tmp, frames, fps, crf, "libvpx-vp9" if suffix == ".webm" else "libx264", suffix)
         else:
-            raise CfError(f"cannot write {str(path)!r}: unknown video suffix {suffix!r}; use .mp4, .webm or .gif")
+            raise CfError(f"cannot write {str(path)!r}: unknown video suffix {suffix!r}; "
+                          "use .mp4, .webm or .gif")
     return path
 
 
@@ -82,7 +83,8 @@ def _write_av(path: Path, frames: np.ndarray, fps: float, crf: int, codec: str, 
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         # one thread: the same frames always give the same bytes
-        stream.options = {"crf": str(crf), "threads": "1"} if codec == "libx264" else {"crf": str(crf), "b": "0"}
+        extra = {"threads": "1"} if codec == "libx264" else {"b": "0"}
+        stream.options = {"crf": str(crf), **extra}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)

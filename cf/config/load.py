@@ -84,7 +84,8 @@ def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
         return OmegaConf.merge(base, other)
     except (ConfigKeyError, ConfigAttributeError) as e:
         key = e.full_key or str(e.key)
-        raise ConfigError(f"unknown config key '{key}' (from {source}); {_valid_keys_near(base, key)}") from None
+        near = _valid_keys_near(base, key)
+        raise ConfigError(f"unknown config key '{key}' (from {source}); {near}") from None
     except ValidationError as e:
         key = e.full_key
         raise ConfigError(
@@ -164,9 +165,11 @@ def validate(cfg: DictConfig) -> None:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be positive")
     if m.dim % m.heads:
-        raise ConfigError(f"model.dim={m.dim} is not divisible by model.heads={m.heads}; pick dim = k * heads")
+        raise ConfigError(f"model.dim={m.dim} is not divisible by model.heads={m.heads}; "
+                          "pick dim = k * heads")
     if (m.dim // m.heads) % 2:
-        raise ConfigError(f"head width model.dim/model.heads={m.dim // m.heads} must be even for rotary positions")
+        raise ConfigError(f"head width model.dim/model.heads={m.dim // m.heads} must be even "
+                          "for rotary positions")
     for side in ("height", "width"):
         if d[side] % m.patch_size:
             raise ConfigError(
