@@ -25,14 +25,20 @@ from cf.video import contact_sheet, write_video
 STAGES = {"teacher": False, "teacher_erft": True}
 
 
-def train_teacher(cfg, out_dir: str | Path, stage: str = "teacher", evaluate_after: bool = True) -> Path:
-    """Train one teacher stage; returns its checkpoint. A finished stage only re-evaluates."""
+def train_teacher(cfg, out_dir: str | Path, stage: str = "teacher", evaluate_after: bool = True,
+                  init_ckpt: str | Path | None = None, parent_run_id: str | None = None) -> Path:
+    """Train one teacher stage; returns its checkpoint. A finished stage only re-evaluates.
+
+    `teacher_erft` starts from `init_ckpt` (default: `<out_dir>/teacher/last.ckpt`).
+    """
+    if stage not in STAGES:
+        raise CfError(f"unknown teacher stage {stage!r}; expected one of {sorted(STAGES)}")
     erft = STAGES[stage]
     out_dir = Path(out_dir)
     seed_everything(cfg.seed)
     module = TeacherModule(cfg, erft=erft)
     if erft and not ckpt_path(out_dir, stage).is_file():
-        src = ckpt_path(out_dir, "teacher")
+        src = Path(init_ckpt) if init_ckpt is not None else ckpt_path(out_dir, "teacher")
         if not src.is_file():
             raise CfError(f"teacher_erft starts from the teacher's checkpoint {str(src)!r}, which does not "
                           f"exist; run `cf train teacher --out {out_dir}` first")
@@ -41,7 +47,7 @@ def train_teacher(cfg, out_dir: str | Path, stage: str = "teacher", evaluate_aft
                                                if k in dict(module.net.named_parameters())},
                                     "num_updates": 0, "decay": cfg.trainer.ema})
     steps = cfg.erft.steps if erft else cfg.trainer.max_steps
-    with tracking.start_run(cfg, stage) as run:
+    with tracking.start_run(cfg, stage, parent_run_id=parent_run_id) as run:
         trainer = make_trainer(cfg, out_dir, stage, logger=run.lightning_logger(), max_steps=steps)
         last = fit(trainer, module, VideoDataModule(cfg), out_dir, stage)
         if evaluate_after and trainer.is_global_zero:
