@@ -107,6 +107,11 @@ def memory_knobs(cfg: DictConfig, policy: str) -> dict:
     return {k: mem[k] for k in keep}
 
 
+def policy_config(cfg: DictConfig) -> dict:
+    """memory.policy and the knobs it reads: what the student's rollouts depend on."""
+    return {"policy": cfg.memory.policy, **memory_knobs(cfg, cfg.memory.policy)}
+
+
 def final_teacher(cfg: DictConfig) -> str:
     return "teacher_erft" if cfg.erft.enabled else "teacher"
 
@@ -135,7 +140,7 @@ def erft_config(cfg: DictConfig) -> dict:
 def student_config(cfg: DictConfig) -> dict:
     return {
         "student": _section(cfg, "student"),
-        "memory": _section(cfg, "memory"),
+        "memory": policy_config(cfg),
         "diffusion": _section(cfg, "diffusion"),
     }
 
@@ -153,7 +158,7 @@ def bench_config(cfg: DictConfig) -> dict:
     return {
         "method": cfg.method,
         "bench": _section(cfg, "bench", drop=BENCH_GRID),
-        "memory": _section(cfg, "memory"),
+        "memory": policy_config(cfg),
     }
 
 

@@ -1,0 +1,197 @@
+"""Results tables from MLflow: pipeline runs -> pandas -> `results/<preset>/<ablation>.md` + `.csv`.
+
+`cf tables` (and `make tables`) reads every finished pipeline run (stage tag `pipeline`) of the
+store, keeps the latest per (preset, ablation, variant, method, memory, seed), averages seeds, and
+renders one Markdown file per ablation in the paper's layouts with the renderers of
+`cf.bench.tables`: Table 1 (first-frame consistency over time), the Table 2-style summary, revisit
+PSNR by lag, and the teachers' continuation PSNR. The CSV beside it holds every column. Pipelines
+run outside a grid (`make ablate MEMORY=...`) are grouped as `pipelines`.
+
+A pipeline run carries its stages' final metrics as `<stage>/<name>` (see cf.pipeline), so the
+benchmark's `bench/<column>` metrics map one to one onto the row contract of `cf.bench.tables`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from cf.config.load import ROOT
+from cf.errors import CfError
+from cf.utils import atomic_write_text
+
+RESULTS = ROOT / "results"
+TAGS = ("method", "memory", "preset", "ablation", "variant", "git_sha", "run_dir")
+PARAMS = ("seed", "data.fps")
+GROUP = ["preset", "ablation", "variant", "method", "memory"]
+UNGROUPED = "pipelines"  # the table name of pipelines run outside an ablation grid
+# The teacher's continuation PSNR (dB) on held-out clips, by region (cf.train.continuation).
+TEACHER_PSNR = (
+    ("psnr_long_all", "long, all"),
+    ("psnr_long_memory", "long, seen before"),
+    ("psnr_short_memory", "short, seen before"),
+    ("psnr_shift_last_all", "shift-last, all"),
+)
+
+
+def _client(cfg: DictConfig):
+    from mlflow.tracking import MlflowClient
+
+    from cf import tracking
+
+    tracking._quiet()
+    return MlflowClient(tracking.tracking_uri(cfg))
+
+
+def pipeline_runs(cfg: DictConfig, status: str | None = "FINISHED") -> pd.DataFrame:
+    """One row per pipeline run of the experiment `cfg.tracking.experiment` (empty if none yet).
+
+    Columns: run_id, start_time, status, the tags in TAGS, the params in PARAMS, and every metric
+    under its stored name (`bench/subject_consistency`, `teacher_erft/psnr_long_all`, ...).
+    """
+    client = _client(cfg)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return pd.DataFrame(columns=["run_id", "start_time", "status", *TAGS, *PARAMS])
+    flt = "tags.stage = 'pipeline'" + (f" and attributes.status = '{status}'" if status else "")
+    rows, token = [], None
+    while True:
+        page = client.search_runs([exp.experiment_id], filter_string=flt, max_results=500, page_token=token)
+        for r in page:
+            row = {"run_id": r.info.run_id, "start_time": r.info.start_time, "status": r.info.status}
+            row.update({t: r.data.tags.get(t, "") for t in TAGS})
+            row.update({p: r.data.params.get(p) for p in PARAMS})
+            row.update(r.data.metrics)
+            rows.append(row)
+        token = page.token
+        if not token:
+            break
+    df = pd.DataFrame(rows, columns=None if rows else ["run_id", "start_time", "status", *TAGS, *PARAMS])
+    for p in PARAMS:
+        df[p] = pd.to_numeric(df[p], errors="coerce")
+    return df
+
+
+def latest(df: pd.DataFrame) -> pd.DataFrame:
+    """The newest run per (preset, ablation, variant, method, memory, seed, run_dir)."""
+    if df.empty:
+        return df
+    keys = [*GROUP, "seed", "run_dir"]
+    return df.sort_values("start_time").groupby(keys, dropna=False, sort=False).tail(1)
+
+
+def seed_means(df: pd.DataFrame) -> pd.DataFrame:
+    """Numeric columns averaged over seeds per (preset, ablation, variant, method, memory), plus `seeds`."""
+    if df.empty:
+        return df
+    num = [c for c in df.columns if c not in (*GROUP, "seed") and pd.api.types.is_numeric_dtype(df[c])]
+    g = df.groupby(GROUP, dropna=False, sort=False)
+    out = g[num].mean().reset_index()
+    out["seeds"] = g.size().values
+    return out
+
+
+def bench_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows in the column contract of `cf.bench.tables`: `bench/<col>` -> `<col>`, identity columns kept.
+
+    A variant that is neither the method nor the memory policy is shown beside the policy
+    (`context_forcing (slowfast; erft=off)`), since the renderers label rows by method and memory.
+    """
+    out = df[[c for c in df.columns if not c.startswith("bench/")]].copy()
+    for c in df.columns:
+        if c.startswith("bench/"):
+            out[c.removeprefix("bench/")] = df[c].values
+    visible = (out["variant"] == out["memory"]) | (out["variant"] == out["method"]) | (out["variant"] == "")
+    out["memory"] = out["memory"].where(
+        visible, out["memory"] + "; " + out["ablation"] + "=" + out["variant"]
+    )
+    return out
+
+
+def _teacher_table(df: pd.DataFrame) -> str | None:
+    """The method's teacher (ERFT when it ran) on held-out continuation, per row; None if never measured."""
+    from cf.bench.tables import fmt, markdown, row_label
+
+    out: dict[str, list[str]] = {"model": [], "teacher": [], **{head: [] for _, head in TEACHER_PSNR}}
+    for _, r in df.iterrows():
+        stage = "teacher_erft" if pd.notna(r.get(f"teacher_erft/{TEACHER_PSNR[0][0]}")) else "teacher"
+        out["model"].append(row_label(r))
+        out["teacher"].append(stage)
+        for key, head in TEACHER_PSNR:
+            out[head].append(fmt(r.get(f"{stage}/{key}"), ".1f"))
+    if all(c == "-" for _, head in TEACHER_PSNR for c in out[head]):
+        return None
+    return markdown(pd.DataFrame(out))
+
+
+def render(name: str, rows: pd.DataFrame, description: str = "") -> str:
+    """One ablation's Markdown: the paper's tables for its rows (sections without data are skipped)."""
+    from cf.bench import tables
+
+    preset = ", ".join(sorted(set(rows["preset"])))
+    parts = [
+        f"# {name}" + (f": {description}" if description else ""),
+        "",
+        f"Preset `{preset}`; {len(rows)} configuration(s), seeds averaged (`seeds` column in the CSV). "
+        "Generated by `make tables` from the MLflow pipeline runs.",
+        "",
+    ]
+    sections = (
+        ("Consistency to the first frame over time (x100; Table 1 layout)", lambda: tables.table1(rows)),
+        ("Summary (Table 2 layout)", lambda: tables.table2(rows)),
+        ("Revisit PSNR (dB) by lag", lambda: tables.revisit_table(rows, "psnr")),
+        ("Teacher continuation PSNR (dB) on held-out clips", lambda: _teacher_table(rows)),
+    )
+    for title, make in sections:
+        try:
+            body = make()
+        except CfError:  # e.g. no revisit lags measured at this preset
+            body = None
+        if body:
+            parts += [f"## {title}", "", body]
+    return "\n".join(parts)
+
+
+def _variant_order(name: str) -> list[str]:
+    from cf.ablation import ABLATIONS, load_ablation
+
+    path = ABLATIONS / f"{name}.yaml"
+    return list(load_ablation(path).variants) if path.is_file() else []
+
+
+def _description(name: str) -> str:
+    from cf.ablation import ABLATIONS, load_ablation
+
+    path = ABLATIONS / f"{name}.yaml"
+    return load_ablation(path).description if path.is_file() else ""
+
+
+def write_tables(
+    cfg: DictConfig,
+    ablations: Iterable[str] | None = None,
+    out: str | Path = RESULTS,
+    runs: pd.DataFrame | None = None,
+) -> list[Path]:
+    """Write `<out>/<preset>/<ablation>.md` and `.csv` for each ablation with finished runs."""
+    df = pipeline_runs(cfg) if runs is None else runs
+    if df.empty:
+        return []
+    df = seed_means(latest(df))
+    df["ablation"] = df["ablation"].fillna("").astype(str)
+    wanted = None if ablations is None else set(ablations)
+    written: list[Path] = []
+    for (preset, ablation), group in df.groupby(["preset", "ablation"], sort=True):
+        name = ablation or UNGROUPED
+        if wanted is not None and ablation not in wanted and name not in wanted:
+            continue
+        order = {v: i for i, v in enumerate(_variant_order(ablation))} if ablation else {}
+        group = group.assign(_o=group["variant"].map(order).fillna(len(order)))
+        group = group.sort_values(["_o", "method", "memory"]).drop(columns="_o")
+        rows = bench_rows(group)
+        base = Path(out) / str(preset) / name
+        written.append(atomic_write_text(base.with_suffix(".md"), render(name, rows, _description(ablation))))
+        written.append(atomic_write_text(base.with_suffix(".csv"), group.to_csv(index=False)))
+    return written
