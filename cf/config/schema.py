@@ -131,13 +131,27 @@ class ErftConfig:
 
 @dataclass
 class StudentConfig:
-    steps: int = 200
-    ode_pairs: int = 64  # teacher ODE trajectories sampled for the student's initialisation
-    rollout_chunks: int = 4
+    """Student initialisation: the teacher's weights fitted to its own ODE trajectories (stage `student`),
+    and the evaluation every generator stage (student, cdmd1, cdmd2) writes to eval.json."""
+
+    steps: int = 200  # optimizer steps of the ODE regression
+    lr: float = 2e-4
+    ema: float = 0.99  # EMA of the student (trainer.ema's 0.999 would barely move in 200 steps)
+    ode_pairs: int = 64  # teacher ODE trajectories (noise -> video) sampled for the initialisation
+    rollout_chunks: int = 4  # chunks per trajectory
+    guidance: float = 3.0  # classifier-free guidance of the teacher while sampling them
+    max_minutes: float | None = None  # wall-clock cap of the stage's training (stops cleanly)
+    eval_videos: int = 2  # held-out worlds (seeds data.eval_seed + i) each generator stage is scored on
+    eval_seconds: float = 10.0  # length of each evaluation video
+    eval_backbone: str = "pixels"  # feature backbone of the evaluation's consistency scores
 
 
 @dataclass
 class CdmdConfig:
+    """Contextual DMD. A step is one optimizer update (critic or generator): every batch rolls the
+    student out once and takes one update; batch k updates the generator when
+    k % (critic_ratio + 1) == critic_ratio. stage*_steps count generator updates."""
+
     stage1_steps: int = 200
     stage2_steps: int = 200
     critic_lr: float = 2e-4
@@ -146,15 +160,16 @@ class CdmdConfig:
     critic_ratio: int = 5  # critic updates per generator update
     ema: float = 0.99
     dmd_shift: float = 5.0
-    t_min: int = 20
-    t_max: int = 980
-    cfg_stage1: float = 3.0
+    t_min: int = 20  # DMD (and critic) timesteps: U[0, 1] shifted by dmd_shift, clamped to
+    t_max: int = 980  # [t_min, t_max] / diffusion.num_timesteps
+    cfg_stage1: float = 3.0  # classifier-free guidance of the real score (the teacher)
     cfg_stage2: float = 5.0
-    short_chunks: int = 4  # stage 1 rollout (teacher-length)
-    long_chunks_start: int = 8  # stage 2 curriculum: max rollout grows linearly ...
-    long_chunks_end: int = 12  # ... to this over stage2_steps
+    short_chunks: int = 4  # stage 1 rollout (teacher-length); also the DMD window of stage 2
+    long_chunks_start: int = 8  # stage 2 curriculum: the rollout length is drawn from
+    long_chunks_end: int = 12  # [start, max], max growing linearly from start to end over stage2_steps
     teacher_history: str = "policy"  # policy (full history through memory) | window (last window)
     stage2: bool = True
+    max_minutes: float | None = None  # wall-clock cap of each stage's training (stops cleanly)
 
 
 @dataclass
@@ -169,6 +184,10 @@ class BenchConfig:
     weights: str | None = None  # local weight file or cache dir for dino/dinov2/clip/lpips
     lpips: bool = True
     context_factor: float = 1.5  # effective context: largest lag with error <= factor * short-lag error
+    # more backbones whose first-frame consistency Table 1 also reports (bench.backbone always comes first)
+    table_backbones: list[str] = field(default_factory=list)
+    # `cf bench consistency` benchmarks every method x policy (generators from runs/<preset>/...);
+    # the policy "own" stands for each method's own (sliding for self_forcing, sink for longlive, ...)
     methods: list[str] = field(default_factory=lambda: ["context_forcing"])
     policies: list[str] = field(default_factory=lambda: ["slowfast"])
 

@@ -1,0 +1,201 @@
+"""Student initialisation: a few-step causal generator fitted to the teacher's ODE trajectories.
+
+The teacher samples videos chunk by chunk through the shared rollout (its Euler ODE, with
+guidance) from noise; `TrajectoryRecorder` keeps, per chunk, the ODE state at each of the
+student's noise levels (exact on the Euler path: between two Euler steps the state moves on a
+straight line towards that step's x0 estimate). The student, initialised with the teacher's
+weights, learns to map the state at its k-th noise level straight to the teacher's clean chunk,
+reading the teacher's clean earlier chunks through its own memory policy (teacher forcing), so
+that DMD starts from a generator that already makes sensible videos in a few steps.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from cf.diffusion import Sampler, build_sampler, to_x0
+from cf.errors import CfError
+from cf.memory import KVCache, build_policy
+from cf.model import CausalVideoDiT
+from cf.rollout import RolloutCallback, read_for_query, rollout, write_clean
+from cf.train.base import EMA, adamw_with_schedule, step_generator
+from cf.train.conditions import ConditionStream
+from cf.train.teacher import teacher_policy
+
+
+class TrajectoryRecorder(RolloutCallback):
+    """Records, for every chunk, the ODE state at each of `levels` (decreasing noise levels in
+    (0, 1]) from an Euler rollout's steps. `states()` -> [B, K, n_chunks * C, ...]."""
+
+    def __init__(self, sigmas: tuple[float, ...], levels: list[float]):
+        if any(not 0 < s <= sigmas[0] for s in levels):
+            raise CfError(
+                f"student noise levels {levels} must lie in (0, {sigmas[0]}] to be on the teacher's path"
+            )
+        self.sigmas, self.levels = sigmas, list(levels)
+        self._chunks: list[list[Tensor | None]] = []
+
+    def on_chunk_start(self, chunk, cache):
+        self._chunks.append([None] * len(self.levels))
+
+    def on_step(self, chunk, step, x_t, x0, sigma):
+        hi, lo = self.sigmas[step], self.sigmas[step + 1]
+        for k, s in enumerate(self.levels):
+            if self._chunks[chunk][k] is None and lo < s <= hi:
+                # Euler from sigma `hi`: x(s) = x0 + (s / hi) (x_t - x0) for s in [lo, hi]
+                self._chunks[chunk][k] = (x0 + (s / hi) * (x_t - x0)).detach().float().cpu()
+
+    def states(self) -> Tensor:
+        per_level = [torch.cat([c[k] for c in self._chunks], dim=1) for k in range(len(self.levels))]
+        return torch.stack(per_level, dim=1)
+
+
+def student_levels(sampler: Sampler) -> list[float]:
+    """The student's input noise levels: its sampler's sigmas without the final 0."""
+    return list(sampler.sigmas[:-1])
+
+
+@torch.no_grad()
+def sample_ode_pairs(
+    teacher: CausalVideoDiT, cfg, progress: bool = True
+) -> tuple[dict[str, Tensor], list[str]]:
+    """`student.ode_pairs` teacher trajectories of `student.rollout_chunks` chunks, conditioned on the
+    training worlds' prompts and camera paths (ConditionStream, data.seed).
+
+    Returns ({"video": [N, F, C, H, W] the teacher's output, "states": [N, K, F, C, H, W] the ODE at the
+    student's K levels, "camera": [N, F, 2]}, N prompts), on the CPU. Deterministic given the config.
+    """
+    s = cfg.student
+    chunk = cfg.model.frames_per_chunk
+    stream = ConditionStream(cfg.data, frames=s.rollout_chunks * chunk)
+    sampler = build_sampler(cfg.diffusion, "teacher")
+    levels = student_levels(build_sampler(cfg.diffusion, "student"))
+    policy = teacher_policy(cfg)
+    has_cond = cfg.model.text_encoder != "none" or cfg.model.camera
+    guidance = float(s.guidance) if has_cond else 1.0
+    device = next(teacher.parameters()).device
+    out: dict[str, list[Tensor]] = {"video": [], "states": [], "camera": []}
+    prompts: list[str] = []
+    bs = cfg.data.batch_size
+    starts = range(0, s.ode_pairs, bs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="teacher ODE pairs", unit="batch")
+    for i0 in starts:
+        samples = [stream.sample(i) for i in range(i0, min(i0 + bs, s.ode_pairs))]
+        camera = torch.stack([x["camera"] for x in samples])
+        batch_prompts = [x["prompt"] for x in samples]
+        cond = teacher.make_cond(batch_prompts, camera=camera.to(device))
+        rec = TrajectoryRecorder(sampler.sigmas, levels)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + i0)
+        res = rollout(
+            teacher,
+            KVCache(policy),
+            sampler,
+            cond,
+            s.rollout_chunks,
+            generator=gen,
+            guidance=guidance,
+            callbacks=[rec],
+        )
+        out["video"].append(res.video.float().cpu())
+        out["states"].append(rec.states())
+        out["camera"].append(camera)
+        prompts.extend(batch_prompts)
+    return {k: torch.cat(v) for k, v in out.items()}, prompts
+
+
+class StudentModule(pl.LightningModule):
+    """The few-step student regressing the teacher's clean chunks from its ODE states."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        s = cfg.student
+        for key in ("steps", "ode_pairs", "rollout_chunks"):
+            if s[key] < 1:
+                raise CfError(f"student.{key}={s[key]} must be >= 1")
+        self.cfg = cfg
+        self.net = CausalVideoDiT(cfg.model, cfg.data)
+        self.chunk = cfg.model.frames_per_chunk
+        self.policy = build_policy(cfg.memory, self.chunk)
+        self.register_buffer(
+            "levels", torch.tensor(student_levels(build_sampler(cfg.diffusion, "student"))), persistent=False
+        )
+        self.ema = EMA(self.net, s.ema)
+
+    def load_start(self, weights: dict[str, Tensor]) -> None:
+        """Start from these (the teacher's) weights; the EMA starts there too."""
+        self.net.load_state_dict(weights)
+        self.ema = EMA(self.net, self.cfg.student.ema)
+
+    def configure_optimizers(self):
+        return adamw_with_schedule(
+            self.net.parameters(),
+            self.cfg.trainer,
+            lr=self.cfg.student.lr,
+            total_steps=self.cfg.student.steps,
+        )
+
+    def on_train_batch_end(self, *args) -> None:
+        self.ema.update(self.net)
+
+    def on_save_checkpoint(self, ckpt: dict) -> None:
+        ckpt["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, ckpt: dict) -> None:
+        if "ema" in ckpt:
+            self.ema.load_state_dict(ckpt["ema"])
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss, logs = self.loss(batch, self.global_step)
+        self.log("student/loss", loss, prog_bar=True)
+        for k, v in logs.items():
+            self.log(k, v)
+        return loss
+
+    def loss(self, batch: dict, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """Mean x0 MSE over the chunks; each chunk of each sample at a random student level.
+
+        batch: video [B, F, C, H, W], states [B, K, F, C, H, W], camera [B, F, 2], prompt.
+        """
+        video, states = batch["video"], batch["states"]
+        b, n_frames = video.shape[:2]
+        n_chunks = n_frames // self.chunk
+        g = step_generator(self.cfg.seed, step, self.global_rank, stream=1)
+        k = torch.randint(0, len(self.levels), (b, n_chunks), generator=g).to(self.device)
+        cond = self.net.make_cond(batch["prompt"], camera=batch["camera"])
+        cache = KVCache(self.policy)
+        rows = torch.arange(b, device=self.device)
+        per_chunk, levels = [], []
+        for j in range(n_chunks):
+            f = slice(j * self.chunk, (j + 1) * self.chunk)
+            c = cond.frames(f.start, f.stop)
+            x_t = states[rows, k[:, j], f]  # [B, C, ...] the ODE state at each sample's level
+            sigma = self.levels[k[:, j]].to(x_t.dtype)[:, None].expand(b, self.chunk)
+            read = read_for_query(self.net, cache)
+            pred = self.net(x_t, sigma, c, time_pos=read.query_positions, read=read).pred
+            x0 = to_x0(pred, x_t, sigma, self.net.prediction)
+            per_chunk.append((x0.float() - video[:, f].float()).pow(2).flatten(1).mean(1))  # [B]
+            levels.append(k[:, j])
+            if j + 1 < n_chunks:
+                write_clean(self.net, cache, video[:, f], c, read)  # teacher forcing: its clean chunk
+        per_sample = torch.stack(per_chunk, 1).flatten()
+        level = torch.stack(levels, 1).flatten()
+        logs = {
+            f"student/loss_level{i}": per_sample[level == i].mean()
+            for i in range(len(self.levels))
+            if bool((level == i).any())
+        }
+        return per_sample.mean(), logs
+
+    def ema_net(self) -> CausalVideoDiT:
+        """A copy of the network with the EMA weights (what evaluation and the next stage use)."""
+        net = copy.deepcopy(self.net)
+        if self.ema.enabled:
+            self.ema.copy_to(net)
+        return net.eval()
