@@ -52,10 +52,16 @@ def pipeline_runs(cfg: DictConfig, status: str | None = "FINISHED") -> pd.DataFr
     Columns: run_id, start_time, status, the tags in TAGS, the params in PARAMS, and every metric
     under its stored name (`bench/subject_consistency`, `teacher_erft/psnr_long_all`, ...).
     """
+    from cf import tracking
+
+    empty = pd.DataFrame(columns=["run_id", "start_time", "status", *TAGS, *PARAMS])
+    uri = tracking.tracking_uri(cfg)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///").split("?")[0]).is_file():
+        return empty  # a fresh clone: no store yet (and reading must not create one)
     client = _client(cfg)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
-        return pd.DataFrame(columns=["run_id", "start_time", "status", *TAGS, *PARAMS])
+        return empty
     flt = "tags.stage = 'pipeline'" + (f" and attributes.status = '{status}'" if status else "")
     rows, token = [], None
     while True:
@@ -69,7 +75,7 @@ def pipeline_runs(cfg: DictConfig, status: str | None = "FINISHED") -> pd.DataFr
         token = page.token
         if not token:
             break
-    df = pd.DataFrame(rows, columns=None if rows else ["run_id", "start_time", "status", *TAGS, *PARAMS])
+    df = pd.DataFrame(rows) if rows else empty
     for p in PARAMS:
         df[p] = pd.to_numeric(df[p], errors="coerce")
     return df

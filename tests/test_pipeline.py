@@ -51,6 +51,8 @@ def keys(cfg, stages=pipeline.STAGES):
         ("erft.steps=3", "teacher_erft"),
         ("student.steps=3", "student"),
         ("memory.policy=sliding", "student"),
+        ("memory.tau=0.5", "student"),  # slowfast reads tau
+        ("memory.promotion=uniform", "student"),
         ("diffusion.student_shift=3.0", "student"),
         ("cdmd.stage1_steps=3", "cdmd1"),
         ("cdmd.stage2_steps=3", "cdmd2"),
@@ -76,6 +78,9 @@ def test_memory_policy_change_keeps_the_teacher_through_teacher_memory(tmp_path)
     assert slowfast["teacher"] == sliding["teacher"] and slowfast["teacher_erft"] == sliding["teacher_erft"]
     # teacher.memory=full reads no memory knob; a sliding teacher reads the window and nothing else
     assert keys(cfg_for(tmp_path, "memory.window_frames=6"))["teacher"] == slowfast["teacher"]
+    # a student on a sliding window ignores the slow-memory knobs too
+    sliding_tau = keys(cfg_for(tmp_path, "memory.policy=sliding", "memory.tau=0.5"))
+    assert sliding_tau == sliding
     t_sliding = keys(cfg_for(tmp_path, "teacher.memory=sliding"))["teacher"]
     assert t_sliding != slowfast["teacher"]
     assert keys(cfg_for(tmp_path, "teacher.memory=sliding", "memory.window_frames=6"))["teacher"] != t_sliding
