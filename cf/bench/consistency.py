@@ -1,0 +1,351 @@
+"""The long-video consistency benchmark: generate per method x memory policy, score, tabulate, plot, log.
+
+An `Entry` is one generator to benchmark: a method's config (with its memory policy) and the path of
+its generator weights, or None for random ("untrained") weights. `plan_entries` builds them for
+``bench.methods`` x ``bench.policies`` from ``<runs>/<method>-<memory>-seed<seed>/generator.safetensors``
+(the stage contract); `run_consistency` benchmarks a list of them (the pipeline calls it with one).
+
+Per entry and per seed k of ``bench.seeds``: `cf.commands.generate.generate` rolls the student sampler
+out for ``bench.seconds`` on the held-out world ``data.eval_seed + k`` (its prompt and camera path;
+noise seeded by k), and `cf.metrics.VideoScorer` scores it as saved (uint8 pixels), with the revisit
+pairs of the world's camera and the background masks of the world's ground truth. Every entry sees the
+same worlds, so entries differ only by generator. `cf.bench.report` writes the files.
+
+Outputs in `out_dir` (untrained entries carry "-untrained" in their names and "[untrained]" in labels):
+  results/runs.csv          one row per entry: the column contract of `cf.bench.tables`
+  results/videos.csv        one row per (entry, seed), the same score columns
+  results/first_frame.csv   long form: entry, backbone, segment start/end (s), frames, value
+  results/revisit.csv       long form: entry, lag (frames), lag_s, pairs, mse, psnr, lpips
+  results/table1.md, table2.md, revisit.md (+ revisit_lpips.md with LPIPS): the paper's layouts
+  results/bench.json        the scorer's labels and settings, entries, the per-run rows
+  plots/first_frame.png     first-frame consistency vs time, one line per entry, a panel per backbone
+  plots/revisit.png         revisit PSNR (and LPIPS) vs lag
+  plots/frames.png          the world's frames and each entry's at fixed times (seed bench.seeds[0])
+  plots/strip_<entry>.png   the same strip, one entry against the world
+  videos/<entry>/seed<k>.gif, .mp4      to watch (`cf score` reads them with the sidecar below)
+  videos/<entry>/seed<k>.frames.npz     the exact pixels scored (key ``frames``, uint8 [T, H, W, 3])
+  videos/<entry>/seed<k>.json, .revisit_masks.npz   prompt, camera, fps, revisit pairs, scores; masks
+
+MLflow: one run, stage ``bench``. With one entry its tags ``method``/``memory``/``weights`` are that
+entry's, it carries the entry's config as params and ``bench/<column>`` metrics (names as in
+`cf.bench.tables`), and every file as an artifact. With several entries the run's ``method``/``memory``
+tags list them, it holds results/ and plots/, and each entry gets a nested ``bench`` run with its own
+config, tags, metrics and videos: the runs with a ``bench/subject_consistency`` metric are the rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from omegaconf import OmegaConf
+
+from cf import tracking
+from cf.bench import report, tables
+from cf.bench.entries import OWN, Entry, as_entry, generator_path, plan_entries
+from cf.errors import CfError
+
+__all__ = [
+    "OWN",
+    "BenchResult",
+    "Entry",
+    "as_entry",
+    "bench_frames",
+    "generator_path",
+    "plan_entries",
+    "run_consistency",
+]
+
+
+@dataclass
+class BenchResult:
+    """What `run_consistency` measured. `runs` follows the column contract of `cf.bench.tables`."""
+
+    runs: pd.DataFrame  # one row per entry
+    videos: pd.DataFrame  # one row per (entry, seed)
+    first_frame: pd.DataFrame  # long form, per entry x backbone x segment
+    revisit: pd.DataFrame  # long form, per entry x lag
+    files: list[Path] = field(default_factory=list)
+    run_id: str | None = None  # the MLflow run (None when tracking is off)
+
+    def metrics(self, i: int = 0) -> dict[str, float]:
+        """Entry i's ``bench/<column>`` metrics (finite numbers only), as logged to MLflow."""
+        return _metrics(self.runs.iloc[i].to_dict())
+
+
+def bench_frames(cfg) -> int:
+    """Frames per benchmark video: ``bench.seconds`` of world time (at least 3, for the motion metrics)."""
+    n = int(round(cfg.bench.seconds * cfg.data.fps))
+    if n < 3:
+        raise CfError(
+            f"bench.seconds={cfg.bench.seconds:g} at data.fps={cfg.data.fps} gives {n} frames; "
+            f"the scores need at least 3: raise bench.seconds"
+        )
+    return n
+
+
+def _check(cfg, entries: list[Entry]) -> None:
+    if not entries:
+        raise CfError("run_consistency got no entries; build them with cf.bench.plan_entries")
+    if not list(cfg.bench.seeds):
+        raise CfError("bench.seeds is empty; give at least one seed, e.g. bench.seeds=[0]")
+    for e in entries:
+        for key in ("data.fps", "data.height", "data.width"):
+            if OmegaConf.select(e.cfg, key) != OmegaConf.select(cfg, key):
+                raise CfError(
+                    f"entry {e.name} has {key}={OmegaConf.select(e.cfg, key)} but the benchmark "
+                    f"config has {OmegaConf.select(cfg, key)}; every entry must see the same world"
+                )
+
+
+# ------------------------------------------------------------------------------------------- running
+
+
+def run_consistency(
+    cfg, entries, out_dir: str | Path, parent_run_id: str | None = None, *, progress: bool = True
+) -> BenchResult:
+    """Benchmark `entries` (`Entry`s, or mappings for `as_entry`) with the settings of ``cfg.bench`` and
+    write everything into `out_dir` (see the module docstring). `parent_run_id` nests the MLflow run
+    under a pipeline's run."""
+    from tqdm import tqdm
+
+    from cf.metrics import VideoScorer, get_backbone
+    from cf.utils import pick_device, set_threads
+
+    entries = [as_entry(cfg, e) for e in entries]
+    _check(cfg, entries)
+    out_dir = Path(out_dir)
+    set_threads(cfg.trainer.threads)
+    device = pick_device(cfg.device)
+    scorer = VideoScorer(cfg, device=device)
+    extra = [
+        get_backbone(n, cfg.bench.weights)
+        for n in dict.fromkeys(cfg.bench.table_backbones)
+        if n != scorer.backbone.name
+    ]
+    seeds = [int(s) for s in cfg.bench.seeds]
+    single = len(entries) == 1
+    top = entries[0] if single else None
+    tags = (
+        _tags(top)
+        if single
+        else {
+            "method": ",".join(dict.fromkeys(e.method for e in entries)),
+            "memory": ",".join(dict.fromkeys(e.memory for e in entries)),
+            "weights": ",".join(dict.fromkeys(e.weights for e in entries)),
+        }
+    )
+    files: list[Path] = []
+    bar = tqdm(
+        total=len(entries) * len(seeds),
+        desc="cf bench consistency",
+        unit="video",
+        file=sys.stderr,
+        disable=not progress,
+    )
+    with tracking.start_run(
+        top.cfg if single else cfg, "bench", parent_run_id=parent_run_id, extra_tags=tags
+    ) as run:
+        _rename(run, top)
+        measured = []
+        for entry in entries:
+            m = _bench_entry(cfg, entry, seeds, scorer, extra, device, out_dir, bar)
+            measured.append(m)
+            files += m["files"]
+            if not single:
+                with tracking.start_run(
+                    entry.cfg, "bench", parent_run_id=run.run_id, extra_tags=_tags(entry)
+                ) as child:
+                    _rename(child, entry)
+                    child.log_metrics(_metrics(m["row"]))
+                    _log_files(child, m["files"], out_dir)
+        bar.close()
+        result = _collect(measured, scorer, extra)
+        written = report.write_results(result, out_dir, scorer, entries, cfg)
+        written += report.write_plots(result, measured, out_dir, cfg)
+        files += written
+        if single:
+            run.log_metrics(_metrics(result.runs.iloc[0].to_dict()))
+        _log_files(run, files if single else written, out_dir)
+        result.files, result.run_id = files, run.run_id
+    return result
+
+
+def _load_model(entry: Entry, device):
+    from cf.model import build_model
+
+    torch.manual_seed(entry.cfg.seed)  # random weights are reproducible: the same seed, the same model
+    return build_model(entry.cfg, device, weights=entry.generator).eval()
+
+
+def _bench_entry(cfg, entry: Entry, seeds: list[int], scorer, extra, device, out_dir: Path, bar) -> dict:
+    """Generate and score one entry's videos; returns its per-run row, per-video rows, curves, files."""
+    from cf.commands.generate import generate
+    from cf.data.world import World
+    from cf.metrics import FirstFrameConsistency, embed_frames
+    from cf.rollout import ChunkTimer
+    from cf.video import to_uint8
+
+    model = _load_model(entry, device)
+    n_frames, fps = bench_frames(cfg), float(cfg.data.fps)
+    chunk = entry.cfg.model.frames_per_chunk
+    n_chunks = -(-n_frames // chunk)
+    scorer.reset()
+    curves = {b.name: FirstFrameConsistency(cfg.bench.segment_s).to(device) for b in extra}
+    videos, files, latencies, strip = [], [], [], None
+    for seed in seeds:
+        bar.set_postfix_str(f"{entry.name} seed {seed}: generating")
+        ecfg = copy.deepcopy(entry.cfg)
+        ecfg.seed = seed  # the noise; the world comes from world_seed
+        world_seed = cfg.data.eval_seed + seed
+        timer = ChunkTimer(device)
+        video, meta = generate(
+            ecfg, model, n_chunks, sampler="student", world_seed=world_seed, callbacks=[timer]
+        )
+        latencies += timer.latencies
+        frames = to_uint8(video[:n_frames])  # [T, H, W, 3]: scored as saved
+        clip = World(entry.cfg.data, world_seed).render(n_frames)
+        bar.set_postfix_str(f"{entry.name} seed {seed}: scoring")
+        scores = scorer.score(frames, fps, clip.revisits, clip.revisit_masks())
+        for b in extra:
+            curve = curves[b.name](embed_frames(b, torch.from_numpy(frames).to(device))[None], fps)
+            scores[f"first_frame_{b.name}"] = _curve_rows(curve)
+        files += report.write_video_files(
+            out_dir / "videos" / entry.name / f"seed{seed}", frames, clip, meta, scores, entry, fps
+        )
+        videos.append(
+            {
+                **_identity(entry),
+                "seed": seed,
+                "world_seed": world_seed,
+                "prompt": meta["prompt"],
+                **_score_columns(scores, scorer.backbone.name, extra),
+            }
+        )
+        if strip is None:
+            strip = (frames, to_uint8(clip.video))
+        bar.update(1)
+    agg = scorer.aggregate()
+    for b in extra:
+        agg[f"first_frame_{b.name}"] = _curve_rows(curves[b.name].compute())
+    cols = _score_columns(agg, scorer.backbone.name, extra)
+    cols["fps"] = len(seeds) * n_chunks * chunk * entry.cfg.model.video_frames_per_latent / sum(latencies)
+    cols["ms_per_chunk"] = 1e3 * statistics.median(latencies)
+    row = {
+        **_identity(entry),
+        "preset": entry.cfg.preset,
+        "data.fps": fps,
+        "seeds": json.dumps(seeds),
+        "seconds": n_frames / fps,
+        "generator": str(entry.generator or ""),
+        **cols,
+    }
+    return {"entry": entry, "row": row, "videos": videos, "agg": agg, "strip": strip, "files": files}
+
+
+def _curve_rows(curve: dict) -> list[dict]:
+    """A FirstFrameConsistency result -> [{start_s, end_s, frames, value}] (as VideoScorer writes it)."""
+    curve = {k: torch.atleast_1d(v).tolist() for k, v in curve.items()}
+    return [
+        {"start_s": s, "end_s": e, "frames": int(n), "value": None if math.isnan(v) else v}
+        for s, e, n, v in zip(curve["start_s"], curve["end_s"], curve["frames"], curve["value"])
+    ]
+
+
+def _identity(entry: Entry) -> dict:
+    return {"entry": entry.name, "method": entry.method, "memory": entry.memory, "weights": entry.weights}
+
+
+def _score_columns(s: dict, backbone: str, extra) -> dict:
+    """A VideoScorer result (one video or the aggregate) -> the flat columns of the row contract."""
+    quality = [
+        s["subject_consistency"],
+        s["background_consistency"],
+        s["motion_smoothness"],
+        s["dynamic_degree"],
+    ]
+    rv = s["revisit"] or {"psnr": None, "lpips": None, "by_lag": []}
+    bound = s["effective_context_is_lower_bound"]
+    cols = {
+        "subject_consistency": s["subject_consistency"],
+        "background_consistency": s["background_consistency"],
+        "motion_smoothness": s["motion_smoothness"],
+        "dynamic_degree": s["dynamic_degree"],
+        "total": None if None in quality else sum(quality) / len(quality),
+        "flow_magnitude": s["flow_magnitude"],
+        "drift_first_to_last": s["drift"]["first_to_last"],
+        "drift_slope_per_s": s["drift"]["slope_per_s"],
+        "effective_context_s": s["effective_context_s"],
+        "effective_context_is_lower_bound": None if bound is None else float(bound),
+        "revisit_psnr": rv["psnr"],
+        "revisit_lpips": rv["lpips"],
+    }
+    segments = {backbone: s["first_frame_consistency"]}
+    segments.update({b.name: s[f"first_frame_{b.name}"] for b in extra})
+    for name, rows in segments.items():
+        for seg in rows:
+            cols[tables.first_frame_column(name, round(seg["end_s"], 3))] = seg["value"]
+    for what in ("psnr", "lpips") if rv["lpips"] is not None else ("psnr",):
+        cols.update({tables.revisit_column(what, lag["lag"]): lag[what] for lag in rv["by_lag"]})
+    return {k: (math.nan if v is None else v) for k, v in cols.items()}
+
+
+def _collect(measured: list[dict], scorer, extra) -> BenchResult:
+    runs = pd.DataFrame([m["row"] for m in measured])
+    videos = pd.DataFrame([v for m in measured for v in m["videos"]])
+    ff, rv = [], []
+    for m in measured:
+        ident = _identity(m["entry"])
+        names = [(scorer.backbone.name, "first_frame_consistency")] + [
+            (b.name, f"first_frame_{b.name}") for b in extra
+        ]
+        for backbone, key in names:
+            ff += [{**ident, "backbone": backbone, **seg} for seg in m["agg"][key]]
+        rv += [{**ident, **lag} for lag in (m["agg"]["revisit"] or {"by_lag": []})["by_lag"]]
+    return BenchResult(runs, videos, pd.DataFrame(ff), pd.DataFrame(rv))
+
+
+# --------------------------------------------------------------------------------------------- MLflow
+
+
+def _tags(entry: Entry) -> dict:
+    return {
+        "method": entry.method,
+        "memory": entry.memory,
+        "weights": entry.weights,
+        "generator": str(entry.generator or "untrained"),
+    }
+
+
+def _rename(run, entry: Entry | None) -> None:
+    """Untrained runs say so in their MLflow name too."""
+    if entry is not None and entry.generator is None:
+        cfg = entry.cfg
+        base = cfg.tracking.run_name or f"{cfg.method}-{cfg.memory.policy}-{cfg.preset}"
+        run.set_tags({"mlflow.runName": f"{base}-untrained/bench"})
+
+
+def _metrics(row: dict) -> dict[str, float]:
+    """The numeric score columns of a row as ``bench/<column>`` (NaN / missing left out)."""
+    skip = {"seconds", "data.fps", "world_seed", "seed"}
+    out = {}
+    for k, v in row.items():
+        if k in skip or isinstance(v, (str, bool)) or v is None:
+            continue
+        v = float(v)
+        if math.isfinite(v):
+            out[f"bench/{k}"] = v
+    return out
+
+
+def _log_files(run, files: list[Path], out_dir: Path) -> None:
+    for f in files:
+        rel = f.parent.relative_to(out_dir) if f.is_relative_to(out_dir) else None
+        run.log_artifact(f, str(rel) if rel is not None and str(rel) != "." else None)

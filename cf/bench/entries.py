@@ -1,0 +1,129 @@
+"""What the consistency benchmark compares: `Entry` (a method's config at a memory policy, and its
+generator weights or random ones) and `plan_entries`, which builds them for ``bench.methods`` x
+``bench.policies`` from the generators the pipeline leaves in
+``runs/<preset>/<method>-<memory>-seed<seed>/generator.safetensors`` (the stage contract).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from cf.bench import tables
+from cf.errors import CfError
+from cf.registry import UnknownNameError
+
+OWN = "own"  # in bench.policies: each method's own memory policy (experiments/methods/<method>.yaml)
+
+
+@dataclass
+class Entry:
+    """One generator to benchmark: a method's config (memory.policy set) and its weights."""
+
+    cfg: DictConfig
+    generator: Path | None = None  # generator.safetensors; None: random weights ("untrained")
+
+    @property
+    def method(self) -> str:
+        return self.cfg.method
+
+    @property
+    def memory(self) -> str:
+        return self.cfg.memory.policy
+
+    @property
+    def weights(self) -> str:
+        return "untrained" if self.generator is None else "trained"
+
+    @property
+    def name(self) -> str:
+        """File-safe name: ``<method>-<memory>`` (``-untrained`` appended for random weights)."""
+        return f"{self.method}-{self.memory}" + ("-untrained" if self.generator is None else "")
+
+    @property
+    def label(self) -> str:
+        return tables.row_label({"method": self.method, "memory": self.memory, "weights": self.weights})
+
+
+def generator_path(runs_dir: str | Path, method: str, memory: str, seed: int) -> Path:
+    """Where the pipeline leaves a method's final generator (the stage contract)."""
+    return Path(runs_dir) / f"{method}-{memory}-seed{seed}" / "generator.safetensors"
+
+
+def plan_entries(
+    preset: str, methods, policies, overrides=(), runs_dir: str | Path | None = None, untrained: bool = False
+) -> list[Entry]:
+    """Entries for methods x policies: each method's config (preset <- method <- overrides <- the
+    policy; the policy `OWN` is the method's own, e.g. sliding for self_forcing) and its generator from
+    `runs_dir` (default ``runs/<preset>``), or random weights if `untrained`. Every missing generator
+    is named in one error, with the command that makes it."""
+    from cf.config import load_config
+
+    methods, policies = list(dict.fromkeys(methods)), list(dict.fromkeys(policies))
+    if not methods or not policies:
+        raise CfError(
+            f"nothing to benchmark: bench.methods={methods} x bench.policies={policies}; "
+            f"name at least one of each, e.g. bench.methods=[context_forcing] bench.policies=[slowfast]"
+        )
+    from cf.memory import POLICIES
+
+    for policy in policies:
+        if policy != OWN and policy not in POLICIES:
+            raise UnknownNameError(
+                "memory policy",
+                policy,
+                [*POLICIES.names(), OWN],
+                hint=f"'{OWN}' is each method's own policy; set bench.policies=[...]",
+            )
+    runs_dir = Path(runs_dir) if runs_dir is not None else Path("runs") / preset
+    entries, missing = [], []
+    seen = set()
+    for method in methods:
+        for policy in policies:
+            if policy == OWN:
+                policy = load_config(preset, method, list(overrides)).memory.policy
+            if (method, policy) in seen:
+                continue
+            seen.add((method, policy))
+            cfg = load_config(preset, method, [*overrides, f"memory.policy={policy}"])
+            path = None if untrained else generator_path(runs_dir, method, policy, cfg.seed)
+            if path is not None and not path.is_file():
+                missing.append(
+                    f"  {path}: make ablate MEMORY={policy} METHOD={method} PRESET={preset} SEED={cfg.seed}"
+                )
+            entries.append(Entry(cfg, path))
+    if missing:
+        raise CfError(
+            "no trained generator for "
+            + ("these entries" if len(missing) > 1 else "this entry")
+            + ":\n"
+            + "\n".join(missing)
+            + f"\ntrain them with the make command shown, point --runs "
+            f"at the folder that holds <method>-<memory>-seed<seed>/ (now {str(runs_dir)!r}), "
+            f"or pass --untrained to benchmark random weights"
+        )
+    return entries
+
+
+def as_entry(cfg, entry) -> Entry:
+    """An `Entry`, or a mapping ``{"method", "policy", "generator"}`` read against `cfg`: `cfg` itself
+    when it is that method at that policy, else that method's config with `cfg`'s preset and seed."""
+    if isinstance(entry, Entry):
+        return entry
+    if not isinstance(entry, Mapping) or not {"method", "policy", "generator"} <= set(entry):
+        raise CfError(
+            f"benchmark entry {entry!r} is neither a cf.bench.Entry nor a mapping with keys "
+            f"'method', 'policy' and 'generator' (a path, or None for random weights)"
+        )
+    gen = None if entry["generator"] is None else Path(entry["generator"])
+    if (entry["method"], entry["policy"]) == (cfg.method, cfg.memory.policy):
+        return Entry(cfg, gen)
+    from cf.config import load_config
+
+    return Entry(
+        load_config(cfg.preset, entry["method"], [f"memory.policy={entry['policy']}", f"seed={cfg.seed}"]),
+        gen,
+    )

@@ -1,0 +1,110 @@
+"""Benchmark figures (matplotlib, PNG): consistency vs time, revisit error vs lag, frame strips.
+
+The curves read the per-run rows of `cf.bench.tables` (the same DataFrame the tables render, from
+``results/runs.csv`` or from MLflow), so notebooks can redraw them from either source. One line per
+row, labelled like the tables (``method (memory)``, ``[untrained]`` for random weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cf.bench import tables
+from cf.errors import CfError
+from cf.utils import atomic_path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    plt = _pyplot()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def first_frame_vs_time(df: pd.DataFrame, path: str | Path) -> Path:
+    """First-frame consistency (x100) against segment end time: a panel per backbone, a line per row."""
+    cols = tables.first_frame_columns(df)
+    if not cols:
+        raise CfError("first_frame_vs_time: no first_frame_<backbone>_at_<T>s columns in the rows")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(cols), figsize=(5.5 * len(cols), 3.8), squeeze=False)
+    for ax, (backbone, series) in zip(axes[0], cols.items()):
+        t = [s for s, _ in series]
+        for _, row in df.iterrows():
+            ax.plot(t, [100 * float(row[c]) for _, c in series], marker="o", label=tables.row_label(row))
+        ax.set_xlabel("time (s, segment end)")
+        ax.set_ylabel(f"first-frame consistency x100 ({backbone})")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("consistency to the first frame over time", fontsize=10)
+    return _save(fig, path)
+
+
+def revisit_vs_lag(df: pd.DataFrame, path: str | Path) -> Path:
+    """Revisit PSNR (and LPIPS where measured) against lag; lags in seconds where ``data.fps`` is known."""
+    psnr = tables.revisit_lags(df, "psnr")
+    if not psnr:
+        raise CfError("revisit_vs_lag: no revisit_psnr_lag_<L> columns in the rows")
+    lpips = [(lag, c) for lag, c in tables.revisit_lags(df, "lpips") if df[c].notna().any()]
+    fps = df["data.fps"].dropna().unique() if "data.fps" in df else []
+    scale, unit = (1.0 / float(fps[0]), "s") if len(fps) == 1 else (1.0, "frames")
+    panels = [("revisit PSNR (dB)", psnr)] + ([("revisit LPIPS", lpips)] if lpips else [])
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    for ax, (ylabel, series) in zip(axes[0], panels):
+        lags = [lag * scale for lag, _ in series]
+        for _, row in df.iterrows():
+            ax.plot(lags, [float(row[c]) for _, c in series], marker=".", label=tables.row_label(row))
+        ax.set_xlabel(f"revisit lag ({unit})")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("memory: error when the camera returns to a place it saw before", fontsize=10)
+    return _save(fig, path)
+
+
+def strip_times(seconds: float, every: float) -> list[float]:
+    """0, every, 2 * every, ... up to `seconds` (the last one included)."""
+    if not every > 0:
+        raise CfError(f"strip interval {every} must be positive (bench.segment_s)")
+    n = int(np.floor(seconds / every + 1e-9))
+    return [k * every for k in range(n + 1)]
+
+
+def frame_strip(
+    path: str | Path,
+    rows: Sequence[tuple[str, np.ndarray]],
+    times: Sequence[float],
+    fps: float,
+    title: str | None = None,
+) -> Path:
+    """A contact sheet: one row per (label, uint8 video [T, H, W, 3]), one column per time (seconds;
+    a time past the end shows the last frame)."""
+    from cf.video import contact_sheet
+
+    picks = []
+    for _, video in rows:
+        idx = [min(int(round(t * fps)), len(video) - 1) for t in times]
+        picks.append(np.asarray(video)[idx])
+    return contact_sheet(
+        path,
+        picks,
+        row_labels=[label for label, _ in rows],
+        col_labels=[f"{t:g} s" for t in times],
+        title=title,
+    )
