@@ -11,8 +11,18 @@ METHOD ?= context_forcing
 MEMORY ?= slowfast
 SEED ?= 0
 ABLATION ?=
+UI_PORT ?= 5000
 
-.PHONY: help install test test-slow lint format bench ablate tables notebooks ui world clean
+# `make ablate` runs one pipeline (METHOD x MEMORY), or with ABLATION=FILE a grid; in a grid, METHOD
+# and MEMORY apply only when given on the command line (a grid's variants pick their own otherwise).
+given = $(filter command line environment,$(origin $(1)))
+ifeq ($(ABLATION),)
+ABLATE_ARGS := --method $(METHOD) --memory $(MEMORY)
+else
+ABLATE_ARGS := --ablation $(ABLATION) $(if $(call given,METHOD),--method $(METHOD)) $(if $(call given,MEMORY),--memory $(MEMORY))
+endif
+
+.PHONY: help install test test-slow lint format bench ablate ablate-plan tables notebooks ui world clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -49,6 +59,21 @@ world:  ## write sample videos of the synthetic world to runs/world
 
 bench:  ## performance benchmarks -> benchmarks/results/
 	$(PY) -m benchmarks.run
+
+ablate:  ## the pipeline end to end: MEMORY=full|sliding|sink|slowfast PRESET=tiny METHOD=... SEED=0, or ABLATION=ablations/NAME.yaml
+	$(CF) ablate --preset $(PRESET) --seed $(SEED) $(ABLATE_ARGS)
+
+ablate-plan:  ## what `make ablate` (same variables) would run or reuse from the stage cache
+	$(CF) ablate --plan --preset $(PRESET) --seed $(SEED) $(ABLATE_ARGS)
+
+ui:  ## the MLflow UI on 127.0.0.1 (UI_PORT=5000) over the project's store or $MLFLOW_TRACKING_URI
+	$(CF) ui --port $(UI_PORT)
+
+tables:  ## results/<preset>/<ablation>.md + .csv from the MLflow pipeline runs
+	$(CF) tables
+
+notebooks:  ## execute notebooks/*.ipynb headless; figures -> results/figures/
+	$(CF) notebooks --preset $(PRESET)
 
 clean:
 	rm -rf runs .pytest_cache

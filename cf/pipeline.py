@@ -604,6 +604,8 @@ def run_pipeline(
             parent.log_metrics({parent_metric_name(ps.name, k): v for k, v in marker["metrics"].items()})
             parent.log_metrics({f"pipeline/{ps.name}_cached": float(ps.name not in result.ran)})
             parent.set_tags({f"cache.{ps.name}": ps.dir.name})
+            if marker.get("mlflow_run_id"):  # its own run (an earlier parent's, if cached)
+                parent.set_tags({f"run.{ps.name}": marker["mlflow_run_id"]})
         published = _publish(planned, dest)
         progress.close()
         parent.log_metrics(

@@ -282,6 +282,10 @@ def test_mlflow_parent_run_with_nested_stage_runs_and_their_metrics(tmp_path, st
     assert p2.data.metrics["teacher_erft/psnr"] == 2.0 and p2.data.metrics["pipeline/teacher_cached"] == 1.0
     assert p2.data.metrics["student/score"] == 7.0 and p2.data.metrics["pipeline/stages_run"] == 4.0
     assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == second.parent_run_id]) == 4
+    # each pipeline names the stage runs it used: a cached stage's run belongs to the first parent
+    first_teacher = next(r.info.run_id for r in children if r.data.tags["stage"] == "teacher")
+    assert p1.data.tags["run.teacher"] == first_teacher == p2.data.tags["run.teacher"]
+    assert p2.data.tags["run.student"] != p1.data.tags["run.student"]
 
 
 def test_a_resumed_pipeline_continues_its_parent_run(tmp_path, store):

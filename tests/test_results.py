@@ -1,6 +1,7 @@
-"""`cf tables`: MLflow pipeline runs -> rows -> results/<preset>/<ablation>.md + csv."""
+"""`cf tables` and what the notebooks plot: MLflow pipeline runs -> rows -> results/<preset>/*.md + csv."""
 
 import io
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -97,47 +98,139 @@ def test_write_tables_renders_each_ablation_per_preset_in_variant_order(tmp_path
     )
 
 
-def test_tables_from_a_real_store_after_a_grid_on_a_toy_bench(tmp_path, capsys):
+SCORES = {"similarity": 0.9, "uniform1": 0.8, "uniform2": 0.7}
+
+
+@pytest.fixture(scope="module")
+def toy_store(tmp_path_factory):
+    """The promotion grid at smoke on a one-stage toy pipeline (a bench that logs fixed numbers and a
+    3-step loss curve) in a fresh store; returns (tmp dir, the store overrides)."""
     from cf.bench.tables import first_frame_column, revisit_column
+
+    tmp = tmp_path_factory.mktemp("toy_store")
 
     def bench(cfg, out_dir, inputs, parent_run_id):
         d = Path(out_dir) / "bench"
         d.mkdir(parents=True, exist_ok=True)
         with tracking.start_run(cfg, "bench", parent_run_id=parent_run_id):
-            score = {"similarity": 0.9, "uniform1": 0.8, "uniform2": 0.7}[
-                cfg.tracking.run_name or "similarity"
-            ]
-            tracking.log_metrics(
-                {
-                    "bench/subject_consistency": score,
-                    f"bench/{first_frame_column('pixels', 1)}": score,
-                    f"bench/{revisit_column('psnr', 4)}": 20 * score,
-                }
-            )
+            score = SCORES[cfg.tracking.run_name]
+            metrics = {"bench/subject_consistency": score, f"bench/{revisit_column('psnr', 4)}": 20 * score}
+            for t in (1, 2):
+                metrics[f"bench/{first_frame_column('pixels', t)}"] = score / t
+            tracking.log_metrics(metrics)
+            for step in (1, 2, 3):
+                tracking.log_metrics({"bench/toy_loss": score / step}, step=step)
         return d
 
     stages = (pipeline.Stage("bench", bench, pipeline.bench_config, publish=(("bench", "bench"),)),)
-    store = [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=t"]
+    store = [f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", "tracking.experiment=t"]
     ab = ablation.load_ablation("promotion")
-    cfgs = ablation.variant_configs(ab, "smoke", overrides=store, out=str(tmp_path / "runs"))
+    cfgs = ablation.variant_configs(ab, "smoke", overrides=store, out=str(tmp / "runs"))
     for v, c in cfgs.items():
         c.tracking.run_name = v  # lets the toy tell the variants apart
     ablation.run_ablation(ab, cfgs, stages, stream=io.StringIO())
+    return tmp, store
 
-    rc = main(["tables", "--preset", "smoke", "--results", str(tmp_path / "res"), *store])
-    assert rc == 0
-    md = (tmp_path / "res" / "smoke" / "promotion.md").read_text()
+
+LABELS = [f"context_forcing (slowfast; promotion={v})" for v in SCORES]
+
+
+def test_tables_from_a_real_store_after_a_grid_on_a_toy_bench(toy_store):
+    tmp, store = toy_store
+    assert main(["tables", "--preset", "smoke", "--results", str(tmp / "res"), *store]) == 0
+    md = (tmp / "res" / "smoke" / "promotion.md").read_text()
     lines = [line for line in md.splitlines() if line.startswith("| context_forcing")]
-    assert [cells(line)[0] for line in lines[:3]] == [
-        "context_forcing (slowfast; promotion=similarity)",
-        "context_forcing (slowfast; promotion=uniform1)",
-        "context_forcing (slowfast; promotion=uniform2)",
-    ]
-    assert "90.00" in lines[0] and "70.00" in lines[2]  # consistencies x100, per variant
+    assert [cells(line)[0] for line in lines[:3]] == LABELS
+    assert cells(lines[0])[1:3] == ["90.00", "45.00"] and cells(lines[2])[1:3] == ["70.00", "35.00"]
     assert "## Revisit PSNR (dB) by lag" in md and "18.0" in md
+
+
+def test_what_the_notebooks_plot_comes_from_the_store_or_the_committed_tables(toy_store, tmp_path):
+    tmp, store = toy_store
+    cfg = load_config("smoke", overrides=store)
+    rows, source = results.load_rows(cfg)
+    assert source == "MLflow (t)" and list(rows["label"]) == LABELS
+    ff = results.first_frame_curves(rows)
+    got = {(r.label, r.t): round(r.value, 6) for r in ff.itertuples()}
+    assert got == {(lab, t): round(s / t, 6) for lab, s in zip(LABELS, SCORES.values()) for t in (1.0, 2.0)}
+    rv = results.revisit_curves(rows)
+    assert list(rv["lag"]) == [4, 4, 4] and list(rv["value"]) == pytest.approx([18.0, 16.0, 14.0])
+    curves = results.training_curves(cfg)
+    assert set(curves["stage"]) == {"bench"} and set(curves["metric"]) == {"bench/toy_loss"}
+    sim = curves[curves["label"] == LABELS[0]].sort_values("step")
+    assert list(sim["step"]) == [1, 2, 3] and list(sim["value"]) == pytest.approx([0.9, 0.45, 0.3])
+    # a fresh clone: no store, but the committed tables
+    results.write_tables(cfg, out=tmp_path / "res")
+    empty = load_config("smoke", overrides=[f"tracking.uri=sqlite:///{tmp_path / 'none.db'}"])
+    rows2, source2 = results.load_rows(empty, results_dir=tmp_path / "res")
+    assert source2.startswith("1 committed table(s)") and list(rows2["label"]) == LABELS
+    assert results.first_frame_curves(rows2).equals(ff)
+    assert results.load_rows(empty, results_dir=tmp_path / "nothing")[1] == "no runs yet"
+
+
+def test_rollout_and_training_benchmarks_as_frames(tmp_path):
+    (tmp_path / "rollout_x.json").write_text(
+        json.dumps(
+            {"preset": "x", "runs": {"sink": {"chunk_latency_s": [0.01, 0.02], "kv_bytes": [2**20, 2**21]}}}
+        )
+    )
+    (tmp_path / "train_x.json").write_text(
+        json.dumps(
+            {
+                "preset": "x",
+                "stages": [
+                    {"preset": "x", "stage": "teacher", "step_s": 0.1, "mfu": 0.02, "samples_per_s": 80.0}
+                ],
+            }
+        )
+    )
+    roll = results.rollout_curves(tmp_path)
+    assert roll.to_dict("list") == {
+        "preset": ["x", "x"],
+        "policy": ["sink", "sink"],
+        "chunk": [1, 2],
+        "ms": [10.0, 20.0],
+        "kv_mib": [1.0, 2.0],
+    }
+    train = results.train_benchmarks(tmp_path)
+    assert train.to_dict("records") == [
+        {"preset": "x", "stage": "teacher", "step_ms": 100.0, "mfu": 0.02, "samples_per_s": 80.0}
+    ]
+
+
+@pytest.mark.slow
+def test_make_notebooks_executes_every_notebook_headless(toy_store, tmp_path):
+    tmp, store = toy_store
+    figs = tmp_path / "fig"
+    argv = ["notebooks", "--preset", "smoke", "--out", str(tmp_path), "--figures", str(figs), *store]
+    assert main(argv) == 0
+    assert {p.name for p in (tmp_path / "notebooks").iterdir()} == {
+        "consistency.ipynb",
+        "performance.ipynb",
+        "training.ipynb",
+    }
+    names = {p.name for p in figs.iterdir()}
+    assert {"consistency_smoke_promotion_pixels.png", "revisit_smoke_promotion.png"} <= names
+    assert any(n.startswith("training_smoke_context_forcing") for n in names)
+    assert any(n.startswith("rollout_") for n in names)  # from the committed benchmarks
 
 
 def test_tables_on_an_empty_store_say_so(tmp_path, capsys):
     rc = main(["tables", "--preset", "smoke", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"])
     assert rc == 0 and "no finished pipeline runs" in capsys.readouterr().out
     assert not (tmp_path / "m.db").exists()  # reading a fresh clone's store does not create one
+
+
+def test_ui_serves_the_store_cf_logs_to_on_localhost_only(tmp_path):
+    from cf.commands.ui import ui_command
+
+    cmd = ui_command(f"sqlite:///{tmp_path}/mlflow.db", 5001)
+    assert cmd[1:4] == ["-m", "mlflow", "ui"]
+    args = dict(zip(cmd[4::2], cmd[5::2]))
+    assert args == {
+        "--backend-store-uri": f"sqlite:///{tmp_path}/mlflow.db",
+        "--host": "127.0.0.1",
+        "--port": "5001",
+        "--default-artifact-root": (tmp_path / "mlruns").as_uri(),
+    }
+    assert "--default-artifact-root" not in ui_command("http://tracking.example:5000", 5001)
