@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from safetensors.torch import save_file
 
+from cf import tracking
 from cf.bench import tables
 from cf.bench.consistency import run_consistency
 from cf.bench.entries import Entry, as_entry, generator_path, plan_entries
@@ -200,6 +201,26 @@ def test_one_mlflow_run_with_a_nested_run_per_entry(bench):
             assert child.data.metrics[f"bench/{col}"] == pytest.approx(row[col], rel=1e-12)
         names = {a.path for a in client.list_artifacts(child.info.run_id, f"videos/{row['entry']}")}
         assert f"videos/{row['entry']}/seed0.gif" in names
+
+
+def test_one_entry_logs_into_one_run_under_the_pipeline(bench, tmp_path):
+    """The pipeline's call: one entry (the mapping form), nested under its run; metrics and files on it."""
+    _, uri = bench
+    cfg = load_config("smoke", "longlive", [f"tracking.uri={uri}", "tracking.experiment=single"])
+    with tracking.start_run(cfg, "pipeline") as parent:
+        entry = {"method": "longlive", "policy": "sink", "generator": None}
+        res = run_consistency(cfg, [entry], tmp_path / "bench", parent_run_id=parent.run_id, progress=False)
+    client = MlflowClient(uri)
+    run = client.get_run(res.run_id)
+    tags = run.data.tags
+    assert tags["mlflow.parentRunId"] == parent.run_id and tags["stage"] == "bench"
+    assert (tags["method"], tags["memory"], tags["weights"]) == ("longlive", "sink", "untrained")
+    assert run.data.metrics == res.metrics() and "bench/first_frame_pixels_at_4s" in run.data.metrics
+    assert res.metrics()["bench/subject_consistency"] == res.runs.loc[0, "subject_consistency"]
+    logged = set()
+    for folder in ("results", "plots", "videos/longlive-sink-untrained"):
+        logged |= {a.path for a in client.list_artifacts(res.run_id, folder)}
+    assert logged == {str(f.relative_to(tmp_path / "bench")) for f in res.files}
 
 
 def _save_generator(cfg, path, seed):

@@ -133,15 +133,6 @@ def run_consistency(
     seeds = [int(s) for s in cfg.bench.seeds]
     single = len(entries) == 1
     top = entries[0] if single else None
-    tags = (
-        _tags(top)
-        if single
-        else {
-            "method": ",".join(dict.fromkeys(e.method for e in entries)),
-            "memory": ",".join(dict.fromkeys(e.memory for e in entries)),
-            "weights": ",".join(dict.fromkeys(e.weights for e in entries)),
-        }
-    )
     files: list[Path] = []
     bar = tqdm(
         total=len(entries) * len(seeds),
@@ -151,7 +142,7 @@ def run_consistency(
         disable=not progress,
     )
     with tracking.start_run(
-        top.cfg if single else cfg, "bench", parent_run_id=parent_run_id, extra_tags=tags
+        top.cfg if single else cfg, "bench", parent_run_id=parent_run_id, extra_tags=_tags(*entries)
     ) as run:
         _rename(run, top)
         measured = []
@@ -315,13 +306,18 @@ def _collect(measured: list[dict], scorer, extra) -> BenchResult:
 # --------------------------------------------------------------------------------------------- MLflow
 
 
-def _tags(entry: Entry) -> dict:
-    return {
-        "method": entry.method,
-        "memory": entry.memory,
-        "weights": entry.weights,
-        "generator": str(entry.generator or "untrained"),
+def _tags(*entries: Entry) -> dict:
+    """One entry's method/memory/weights/generator; for several, the distinct values joined by commas."""
+    keys = {
+        "method": lambda e: e.method,
+        "memory": lambda e: e.memory,
+        "weights": lambda e: e.weights,
+        "generator": lambda e: str(e.generator or "untrained"),
     }
+    tags = {k: ",".join(dict.fromkeys(get(e) for e in entries)) for k, get in keys.items()}
+    if len(entries) > 1:
+        del tags["generator"]
+    return tags
 
 
 def _rename(run, entry: Entry | None) -> None:
