@@ -139,6 +139,10 @@ class StudentConfig:
     ema: float = 0.99  # EMA of the student (trainer.ema's 0.999 would barely move in 200 steps)
     ode_pairs: int = 64  # teacher ODE trajectories (noise -> video) sampled for the initialisation
     rollout_chunks: int = 4  # chunks per trajectory
+    # clean world frames every student rollout continues (ODE pairs, DMD rollouts, evaluation), a
+    # multiple of model.frames_per_chunk; 0: from noise alone (text-to-video, as the paper). A tiny
+    # teacher cannot invent a world from a prompt, but continues one it has seen (DESIGN.md 7).
+    context_frames: int = 4
     guidance: float = 3.0  # classifier-free guidance of the teacher while sampling them
     max_minutes: float | None = None  # wall-clock cap of the stage's training (stops cleanly)
     eval_videos: int = 2  # held-out worlds (seeds data.eval_seed + i) each generator stage is scored on

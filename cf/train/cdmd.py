@@ -18,6 +18,9 @@ steps, and everything is a pure function of the step: exact resume.
   `cdmd.teacher_history=policy` prefills the whole history through the run's memory policy;
   `window` shows them the window alone (read as the teacher was trained), the released code's choice.
 
+Rollouts continue the clean first `student.context_frames` frames of a world (0: from noise alone,
+the paper's text-to-video); the teacher and the critic read those frames as history too.
+
 Gradients reach the generator only through the exit step of the window's chunks (the rollout
 runs everything else without gradient and writes its cache without gradient).
 """
@@ -65,7 +68,7 @@ def stage_steps(cdmd_cfg, stage: int) -> int:
 def curriculum_max(update: int, steps: int, start: int, end: int) -> int:
     """Longest stage-2 rollout (chunks) at generator update `update`: `start` at 0, growing linearly
     to `end` at the stage's last update (`steps - 1`), `end` after it."""
-    frac = min(update, steps - 1) / max(steps - 1, 1)
+    frac = 1.0 if steps <= 1 else min(update, steps - 1) / (steps - 1)
     return start + int((end - start) * frac)
 
 
@@ -103,6 +106,9 @@ def plan_step(cdmd_cfg, stage: int, step: int, seed: int, n_steps: int) -> Rollo
 
 def check_config(cfg) -> None:
     """What the type system cannot say about `cdmd.*`; raises CfError naming the key and the fix."""
+    from cf.train.student import check_context
+
+    check_context(cfg)
     c = cfg.cdmd
     for key in ("stage1_steps", "stage2_steps", "short_chunks", "long_chunks_start", "long_chunks_end"):
         if c[key] < 1:
@@ -299,26 +305,32 @@ class CDMDModule(pl.LightningModule):
             self.log(k, v)
 
     def generate(self, batch: dict, plan: RolloutPlan, step: int) -> Tensor:
-        """The student's rollout [B, n_chunks * C, ...] through the shared loop: gradient only at the
-        window chunks' exit step, and only on generator steps."""
-        n_frames = plan.n_chunks * self.chunk
-        cond = self.net.make_cond(batch["prompt"], camera=batch["camera"][:, :n_frames])
+        """[clean context ; the student's rollout] [B, Fc + n_chunks * C, ...] through the shared loop:
+        gradient only at the window chunks' exit step, and only on generator steps."""
+        context = batch["context"]
+        n_ctx = context.shape[1]
+        cond = self.net.make_cond(
+            batch["prompt"], camera=batch["camera"][:, : n_ctx + plan.n_chunks * self.chunk]
+        )
         g = step_generator(self.cfg.seed, step, self.global_rank, stream=1)  # this rank's noise
         with torch.set_grad_enabled(plan.generator and torch.is_grad_enabled()):
-            return rollout(
+            video = rollout(
                 self.net,
                 KVCache(self.policy),
                 self.sampler,
                 cond,
                 plan.n_chunks,
+                context=context if n_ctx else None,
                 generator=g,
                 exit_step=plan.exit_steps(self.sampler.n_steps),
                 grad_chunks=plan.window,
+                write_last=False,
             ).video
+        return torch.cat([context.to(video.dtype), video], dim=1)
 
     def _window_inputs(self, batch: dict, video: Tensor, plan: RolloutPlan, step: int):
         """(first window frame, history start for teacher and critic, sigma [B], noise of the window)."""
-        first = (plan.n_chunks - plan.window) * self.chunk
+        first = video.shape[1] - plan.window * self.chunk
         start = 0 if self.cfg.cdmd.teacher_history == "policy" else first
         g = step_generator(self.cfg.seed, step, self.global_rank, stream=2)
         sigma = dmd_sigma(video.shape[0], self.cfg.cdmd, self.cfg.diffusion.num_timesteps, g, self.device)

@@ -5,7 +5,9 @@ rollout), drawn from a fresh world per sample. Student initialisation trains on 
 teacher ODE trajectories, dealt out in a seeded shuffled order. Both follow the resumable stream
 protocol of `cf.train.callbacks` (sample i is a pure function of (seed, i); `start` positions it).
 
-Samples: prompt str, camera float32 [F, 2], index int (+ the trajectory tensors for `PairStream`).
+Samples: prompt str, camera float32 [Fc + F, 2], context float32 [Fc, 3, H, W] (clean world frames
+the rollout continues; Fc = student.context_frames, may be 0), index int (+ the trajectory tensors
+for `PairStream`).
 """
 
 from __future__ import annotations
@@ -25,25 +27,32 @@ from cf.errors import CfError
 
 
 class ConditionStream(SampleStream):
-    """Sample i: the prompt of world (seed, i) and its camera path for `frames` frames from a random time."""
+    """Sample i: world (seed, i) from a random time: its prompt, its first `context` frames (clean,
+    what the rollout continues) and its camera path over `context + frames` frames."""
 
-    def __init__(self, data_cfg, frames: int, seed: int | None = None, **kwargs: Any):
+    def __init__(self, data_cfg, frames: int, context: int = 0, seed: int | None = None, **kwargs: Any):
         super().__init__(data_cfg.seed if seed is None else seed, **kwargs)
         self.data_cfg = OmegaConf.to_object(data_cfg) if isinstance(data_cfg, DictConfig) else data_cfg
-        self.frames = int(frames)
+        self.frames, self.context = int(frames), int(context)
 
     def sample(self, i: int) -> dict[str, Any]:
         world = World(self.data_cfg, (self.seed, i))
-        xs = world.camera_x(world.random_start(START_RANGE), self.frames)
-        camera = torch.from_numpy(np.stack([xs, np.zeros_like(xs)], 1).astype(np.float32))  # [F, 2]
-        return {"prompt": world.prompt, "camera": camera, "index": i}
+        start = world.random_start(START_RANGE)
+        xs = world.camera_x(start, self.context + self.frames)
+        camera = torch.from_numpy(np.stack([xs, np.zeros_like(xs)], 1).astype(np.float32))  # [Fc + F, 2]
+        d = self.data_cfg
+        context = (
+            world.render(self.context, start).video if self.context else torch.zeros(0, 3, d.height, d.width)
+        )  # [Fc, 3, H, W]
+        return {"prompt": world.prompt, "camera": camera, "context": context, "index": i}
 
 
 class PairStream(SampleStream):
     """Sample i: trajectory `order(epoch)[i % n]` of a fixed set, epoch = i // n, order a seeded shuffle.
 
-    pairs: {"video": [N, F, C, H, W] the teacher's clean output, "states": [N, K, F, C, H, W] the
-    trajectory at the student's K noise levels, "camera": [N, F, 2]}; prompts: N strings.
+    pairs: {"context": [N, Fc, C, H, W] the clean frames the teacher continued, "video": [N, F, C, H, W]
+    its clean output, "states": [N, K, F, C, H, W] the trajectory at the student's K noise levels,
+    "camera": [N, Fc + F, 2]}; prompts: N strings.
     """
 
     def __init__(self, pairs: dict[str, Tensor], prompts: list[str], seed: int, **kwargs: Any):

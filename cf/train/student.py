@@ -21,7 +21,7 @@ from cf.diffusion import Sampler, build_sampler, to_x0
 from cf.errors import CfError
 from cf.memory import KVCache, build_policy
 from cf.model import CausalVideoDiT
-from cf.rollout import RolloutCallback, read_for_query, rollout, write_clean
+from cf.rollout import RolloutCallback, prefill, read_for_query, rollout, write_clean
 from cf.train.base import EMA, adamw_with_schedule, step_generator
 from cf.train.conditions import ConditionStream
 from cf.train.teacher import teacher_policy
@@ -54,6 +54,16 @@ class TrajectoryRecorder(RolloutCallback):
         return torch.stack(per_level, dim=1)
 
 
+def check_context(cfg) -> None:
+    """student.context_frames must be whole chunks (the rollout prefills them chunk by chunk)."""
+    n, chunk = cfg.student.context_frames, cfg.model.frames_per_chunk
+    if n < 0 or n % chunk:
+        raise CfError(
+            f"student.context_frames={n} must be a non-negative multiple of "
+            f"model.frames_per_chunk={chunk}, e.g. {max(chunk, n - n % chunk)}"
+        )
+
+
 def student_levels(sampler: Sampler) -> list[float]:
     """The student's input noise levels: its sampler's sigmas without the final 0."""
     return list(sampler.sigmas[:-1])
@@ -63,22 +73,24 @@ def student_levels(sampler: Sampler) -> list[float]:
 def sample_ode_pairs(
     teacher: CausalVideoDiT, cfg, progress: bool = True
 ) -> tuple[dict[str, Tensor], list[str]]:
-    """`student.ode_pairs` teacher trajectories of `student.rollout_chunks` chunks, conditioned on the
-    training worlds' prompts and camera paths (ConditionStream, data.seed).
+    """`student.ode_pairs` teacher trajectories of `student.rollout_chunks` chunks continuing the first
+    `student.context_frames` frames of the training worlds, with their prompts and camera paths
+    (ConditionStream, data.seed).
 
-    Returns ({"video": [N, F, C, H, W] the teacher's output, "states": [N, K, F, C, H, W] the ODE at the
-    student's K levels, "camera": [N, F, 2]}, N prompts), on the CPU. Deterministic given the config.
+    Returns ({"context": [N, Fc, C, H, W], "video": [N, F, C, H, W] the teacher's output, "states":
+    [N, K, F, C, H, W] the ODE at the student's K levels, "camera": [N, Fc + F, 2]}, N prompts), on the
+    CPU. Deterministic given the config.
     """
     s = cfg.student
     chunk = cfg.model.frames_per_chunk
-    stream = ConditionStream(cfg.data, frames=s.rollout_chunks * chunk)
+    stream = ConditionStream(cfg.data, frames=s.rollout_chunks * chunk, context=s.context_frames)
     sampler = build_sampler(cfg.diffusion, "teacher")
     levels = student_levels(build_sampler(cfg.diffusion, "student"))
     policy = teacher_policy(cfg)
     has_cond = cfg.model.text_encoder != "none" or cfg.model.camera
     guidance = float(s.guidance) if has_cond else 1.0
     device = next(teacher.parameters()).device
-    out: dict[str, list[Tensor]] = {"video": [], "states": [], "camera": []}
+    out: dict[str, list[Tensor]] = {"context": [], "video": [], "states": [], "camera": []}
     prompts: list[str] = []
     bs = cfg.data.batch_size
     starts = range(0, s.ode_pairs, bs)
@@ -89,6 +101,7 @@ def sample_ode_pairs(
     for i0 in starts:
         samples = [stream.sample(i) for i in range(i0, min(i0 + bs, s.ode_pairs))]
         camera = torch.stack([x["camera"] for x in samples])
+        context = torch.stack([x["context"] for x in samples])
         batch_prompts = [x["prompt"] for x in samples]
         cond = teacher.make_cond(batch_prompts, camera=camera.to(device))
         rec = TrajectoryRecorder(sampler.sigmas, levels)
@@ -99,10 +112,12 @@ def sample_ode_pairs(
             sampler,
             cond,
             s.rollout_chunks,
+            context=context.to(device, next(teacher.parameters()).dtype) if s.context_frames else None,
             generator=gen,
             guidance=guidance,
             callbacks=[rec],
         )
+        out["context"].append(context)
         out["video"].append(res.video.float().cpu())
         out["states"].append(rec.states())
         out["camera"].append(camera)
@@ -119,6 +134,7 @@ class StudentModule(pl.LightningModule):
         for key in ("steps", "ode_pairs", "rollout_chunks"):
             if s[key] < 1:
                 raise CfError(f"student.{key}={s[key]} must be >= 1")
+        check_context(cfg)
         self.cfg = cfg
         self.net = CausalVideoDiT(cfg.model, cfg.data)
         self.chunk = cfg.model.frames_per_chunk
@@ -161,20 +177,24 @@ class StudentModule(pl.LightningModule):
     def loss(self, batch: dict, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean x0 MSE over the chunks; each chunk of each sample at a random student level.
 
-        batch: video [B, F, C, H, W], states [B, K, F, C, H, W], camera [B, F, 2], prompt.
+        batch: context [B, Fc, C, H, W], video [B, F, C, H, W], states [B, K, F, C, H, W], camera
+        [B, Fc + F, 2], prompt.
         """
-        video, states = batch["video"], batch["states"]
+        video, states, context = batch["video"], batch["states"], batch["context"]
         b, n_frames = video.shape[:2]
         n_chunks = n_frames // self.chunk
         g = step_generator(self.cfg.seed, step, self.global_rank, stream=1)
         k = torch.randint(0, len(self.levels), (b, n_chunks), generator=g).to(self.device)
         cond = self.net.make_cond(batch["prompt"], camera=batch["camera"])
         cache = KVCache(self.policy)
+        n_ctx = context.shape[1]
+        if n_ctx:
+            prefill(self.net, cache, context.to(video.dtype), cond)
         rows = torch.arange(b, device=self.device)
         per_chunk, levels = [], []
         for j in range(n_chunks):
             f = slice(j * self.chunk, (j + 1) * self.chunk)
-            c = cond.frames(f.start, f.stop)
+            c = cond.frames(n_ctx + f.start, n_ctx + f.stop)
             x_t = states[rows, k[:, j], f]  # [B, C, ...] the ODE state at each sample's level
             sigma = self.levels[k[:, j]].to(x_t.dtype)[:, None].expand(b, self.chunk)
             read = read_for_query(self.net, cache)

@@ -7,11 +7,12 @@ for), `eval.json`, `sample.mp4` (ground truth | generated) and `samples.png` (a 
 logged to the stage's MLflow run.
 
 Evaluation: on `student.eval_videos` held-out worlds (seeds data.eval_seed + i), videos of
-`student.eval_seconds` from the generator, from the untrained student (random initialisation)
-and the world's own frames, scored by `cf.metrics.VideoScorer` (`student.eval_backbone`, pixels
-by default: weight-free): revisit PSNR (by lag), first-frame consistency, and the rest of the
-scorer's numbers. Caveat written into eval.json: a near-static video scores high on both, so read
-them next to the world's own scores and the frame contrast.
+`student.eval_seconds` (the first `student.context_frames` clean, then generated) from the
+generator, from the untrained student (random initialisation) and the world's own frames,
+scored by `cf.metrics.VideoScorer` (`student.eval_backbone`, pixels by default: weight-free):
+revisit PSNR (by lag), first-frame consistency, and the rest of the scorer's numbers. Caveat
+written into eval.json: a near-static video scores high on both, so read them next to the world's
+own scores and the frame contrast.
 """
 
 from __future__ import annotations
@@ -185,7 +186,8 @@ def train_cdmd(
     )
     chunks = cfg.cdmd.short_chunks if stage == 1 else cfg.cdmd.long_chunks_end
     frames = chunks * cfg.model.frames_per_chunk
-    data = StreamDataModule(cfg, lambda **kw: ConditionStream(cfg.data, frames=frames, **kw))
+    context = cfg.student.context_frames
+    data = StreamDataModule(cfg, lambda **kw: ConditionStream(cfg.data, frames=frames, context=context, **kw))
     with tracking.start_run(cfg, name, parent_run_id=parent_run_id) as run:
         # manual optimisation: the module clips; generator and critic steps leave the other net unused
         trainer = make_trainer(
@@ -232,7 +234,9 @@ def evaluate_generator(cfg, net: CausalVideoDiT, progress: bool = True) -> dict:
             f"student.eval_videos={s.eval_videos} and student.eval_seconds={s.eval_seconds} must be positive"
         )
     device = next(net.parameters()).device
-    n_chunks = max(1, -(-round(s.eval_seconds * fps) // chunk))
+    n_ctx = s.context_frames
+    n_chunks = max(1, -(-(round(s.eval_seconds * fps) - n_ctx) // chunk))
+    total = n_ctx + n_chunks * chunk
     models = {"distilled": net, "untrained": untrained_student(cfg, device)}
     scorers = {m: VideoScorer(cfg, backbone=s.eval_backbone, lpips=None, device=device) for m in EVAL_MODELS}
     frames: dict[str, torch.Tensor] = {}
@@ -243,13 +247,12 @@ def evaluate_generator(cfg, net: CausalVideoDiT, progress: bool = True) -> dict:
 
         it = tqdm(seeds, desc="evaluate generator", unit="world")
     for seed in it:
-        clip = World(cfg.data, seed).render(n_chunks * chunk)
-        pairs = (
-            (torch.tensor(clip.revisits), torch.from_numpy(clip.revisit_masks()))
-            if clip.revisits
-            else (None, None)
-        )
-        videos = {m: generate(cfg, model, n_chunks, world_seed=seed)[0] for m, model in models.items()}
+        clip = World(cfg.data, seed).render(total)
+        pairs = revisits_after(clip, n_ctx)
+        videos = {
+            m: generate(cfg, model, n_chunks, context=n_ctx, world_seed=seed)[0]
+            for m, model in models.items()
+        }
         videos["world"] = clip.video
         for m, video in videos.items():
             scorers[m].score(video, fps, *pairs)
@@ -263,20 +266,30 @@ def evaluate_generator(cfg, net: CausalVideoDiT, progress: bool = True) -> dict:
     return {
         "setup": {
             "worlds": seeds,
-            "seconds": n_chunks * chunk / fps,
-            "frames": n_chunks * chunk,
+            "seconds": total / fps,
+            "frames": total,
+            "context_frames": n_ctx,
             "backbone": scorers["distilled"].describe()["backbone_label"],
             "sampler": "student",
             "memory": cfg.memory.policy,
             "untrained": f"random initialisation (seed {cfg.seed})",
-            "note": "a near-static or low-contrast video scores high on revisit PSNR and first-frame "
-            "consistency; read them next to the world's own scores and pixel_std",
+            "note": "every video starts with the same clean context frames (revisit pairs end after "
+            "them); a near-static or low-contrast video scores high on revisit PSNR and first-frame "
+            "consistency: read them next to the world's own scores and pixel_std",
         },
         "scores": scores,
         "summary": summary,
         "distilled_beats_untrained": beats,
         "frames": frames,
     }
+
+
+def revisits_after(clip, n_ctx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The world's revisit pairs (and masks) whose second frame is generated (t_revisit >= n_ctx)."""
+    keep = [i for i, (_, t2, _) in enumerate(clip.revisits) if t2 >= n_ctx]
+    if not keep:
+        return None, None
+    return torch.tensor([clip.revisits[i] for i in keep]), torch.from_numpy(clip.revisit_masks()[keep])
 
 
 def _gt(a: float | None, b: float | None) -> bool | None:
