@@ -19,6 +19,8 @@ from cf.cli import main
 from cf.config import load_config
 from cf.errors import CfError
 from cf.metrics import VideoScorer, read_sidecar
+from cf.metrics import score as score_module
+from cf.metrics.lpips_net import Lpips
 from cf.model import build_model
 from cf.registry import UnknownNameError
 from cf.video import read_video
@@ -221,6 +223,23 @@ def test_one_entry_logs_into_one_run_under_the_pipeline(bench, tmp_path):
     for folder in ("results", "plots", "videos/longlive-sink-untrained"):
         logged |= {a.path for a in client.list_artifacts(res.run_id, folder)}
     assert logged == {str(f.relative_to(tmp_path / "bench")) for f in res.files}
+
+
+def test_lpips_by_lag_when_an_lpips_net_is_available(monkeypatch, tmp_path):
+    monkeypatch.setattr(score_module, "lpips_or_reason", lambda weights: (Lpips(random=True), None))
+    cfg = load_config("smoke", overrides=["tracking.enabled=false", "bench.lpips=true"])
+    res = run_consistency(
+        cfg,
+        [{"method": "context_forcing", "policy": "slowfast", "generator": None}],
+        tmp_path,
+        progress=False,
+    )
+    lags = tables.revisit_lags(res.runs, "lpips")
+    assert [lag for lag, _ in lags] == [lag for lag, _ in tables.revisit_lags(res.runs, "psnr")]
+    assert res.runs[[c for _, c in lags]].notna().all().all()
+    assert np.allclose(res.revisit["lpips"], res.runs.loc[0, [c for _, c in lags]].astype(float))
+    title, body = (tmp_path / "results" / "revisit_lpips.md").read_text().split("\n\n", 1)
+    assert "test only" in title and body == tables.revisit_table(res.runs, "lpips")
 
 
 def _save_generator(cfg, path, seed):

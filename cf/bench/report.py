@@ -82,7 +82,10 @@ def write_results(result: BenchResult, out_dir: Path, scorer, entries: list[Entr
     if tables.revisit_lags(result.runs):
         texts["revisit"] = ("Revisit PSNR (dB) by lag", tables.revisit_table(result.runs, "psnr"))
         if tables.revisit_lags(result.runs, "lpips"):
-            texts["revisit_lpips"] = ("Revisit LPIPS by lag", tables.revisit_table(result.runs, "lpips"))
+            texts["revisit_lpips"] = (
+                f"Revisit LPIPS by lag ({info['lpips']})",
+                tables.revisit_table(result.runs, "lpips"),
+            )
     for name, (title, body) in texts.items():
         files.append(atomic_write_text(res / f"{name}.md", f"**{title}.** {note}.\n\n{body}"))
     rows = json.loads(result.runs.to_json(orient="records"))
