@@ -441,7 +441,8 @@ def _stage_run_metrics(parent: Any, stage: str) -> tuple[str | None, dict[str, f
     )
     if not runs:
         return None, {}
-    return runs[0].info.run_id, {k: float(v) for k, v in runs[0].data.metrics.items()}
+    # `stage/metric` names only: Lightning's bare `epoch` counter is not a result
+    return runs[0].info.run_id, {k: float(v) for k, v in runs[0].data.metrics.items() if "/" in k}
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -565,7 +566,9 @@ def run_pipeline(
     state_path = dest / "pipeline.json"
     state = _read_json(state_path) if state_path.is_file() else {}
     same_plan = state.get("stages", {}) == {ps.name: ps.key for ps in planned}
-    resume_id = _existing_run(cfg, state.get("parent_run_id")) if same_plan else None
+    # a killed pipeline continues its parent run; a finished one run again is a new run
+    resumable = same_plan and not state.get("complete", False)
+    resume_id = _existing_run(cfg, state.get("parent_run_id")) if resumable else None
     progress = PipelineProgress(
         planned, past_durations(cache_root(cfg), cfg.preset), stream, title=run_name(cfg, label)
     )
@@ -597,6 +600,8 @@ def run_pipeline(
             result.markers[ps.name] = marker
             parent.log_metrics({parent_metric_name(ps.name, k): v for k, v in marker["metrics"].items()})
             parent.log_metrics({f"pipeline/{ps.name}_cached": float(ps.name not in result.ran)})
+            if marker.get("seconds") is not None:  # what training it took (when it was trained)
+                parent.log_metrics({f"pipeline/{ps.name}_seconds": float(marker["seconds"])})
             parent.set_tags({f"cache.{ps.name}": ps.dir.name})
             if marker.get("mlflow_run_id"):  # its own run (an earlier parent's, if cached)
                 parent.set_tags({f"run.{ps.name}": marker["mlflow_run_id"]})

@@ -27,6 +27,7 @@ RESULTS = ROOT / "results"
 TAGS = ("method", "memory", "preset", "ablation", "variant", "git_sha", "run_dir")
 PARAMS = ("seed", "data.fps")
 GROUP = ["preset", "ablation", "variant", "method", "memory"]
+GENERATOR_STAGES = ("student", "cdmd1", "cdmd2")  # their eval.json: distilled vs untrained (student_stage)
 UNGROUPED = "pipelines"  # the table name of pipelines run outside an ablation grid
 # The teacher's continuation PSNR (dB) on held-out clips, by region (cf.train.continuation).
 TEACHER_PSNR = (
@@ -93,7 +94,8 @@ def seed_means(df: pd.DataFrame) -> pd.DataFrame:
     """Numeric columns averaged over seeds per (preset, ablation, variant, method, memory), plus `seeds`."""
     if df.empty:
         return df
-    num = [c for c in df.columns if c not in (*GROUP, "seed") and pd.api.types.is_numeric_dtype(df[c])]
+    skip = (*GROUP, "seed", "start_time")
+    num = [c for c in df.columns if c not in skip and pd.api.types.is_numeric_dtype(df[c])]
     g = df.groupby(GROUP, dropna=False, sort=False)
     out = g[num].mean().reset_index()
     out["seeds"] = g.size().values
@@ -133,6 +135,37 @@ def _teacher_table(df: pd.DataFrame) -> str | None:
     return markdown(pd.DataFrame(out))
 
 
+def _stage_table(df: pd.DataFrame, metric: str, untrained: str, spec: str, scale: float) -> str | None:
+    """One generator metric per stage (student, cdmd1, cdmd2) beside the untrained student's."""
+    from cf.bench.tables import fmt, markdown, row_label
+
+    cols = [s for s in GENERATOR_STAGES if f"{s}/{metric}" in df.columns]
+    if not cols:
+        return None
+    out = {"model": [row_label(r) for _, r in df.iterrows()]}
+    out["untrained"] = [fmt(r.get(f"student/{untrained}"), spec, scale) for _, r in df.iterrows()]
+    for s in cols:
+        out[s] = [fmt(r.get(f"{s}/{metric}"), spec, scale) for _, r in df.iterrows()]
+    return markdown(pd.DataFrame(out))
+
+
+def _time_table(df: pd.DataFrame) -> str | None:
+    """Minutes each stage took to train (cached stages: when they were trained)."""
+    from cf.bench.tables import fmt, markdown, row_label
+
+    stages = [
+        c.removeprefix("pipeline/").removesuffix("_seconds")
+        for c in df.columns
+        if c.startswith("pipeline/") and c.endswith("_seconds")
+    ]
+    if not stages:
+        return None
+    out = {"model": [row_label(r) for _, r in df.iterrows()]}
+    for s in stages:
+        out[s] = [fmt(r.get(f"pipeline/{s}_seconds"), ".1f", 1 / 60) for _, r in df.iterrows()]
+    return markdown(pd.DataFrame(out))
+
+
 def render(name: str, rows: pd.DataFrame, description: str = "") -> str:
     """One ablation's Markdown: the paper's tables for its rows (sections without data are skipped)."""
     from cf.bench import tables
@@ -150,6 +183,17 @@ def render(name: str, rows: pd.DataFrame, description: str = "") -> str:
         ("Summary (Table 2 layout)", lambda: tables.table2(rows)),
         ("Revisit PSNR (dB) by lag", lambda: tables.revisit_table(rows, "psnr")),
         ("Teacher continuation PSNR (dB) on held-out clips", lambda: _teacher_table(rows)),
+        (
+            "Generator stages vs the untrained student: revisit PSNR (dB), held-out worlds",
+            lambda: _stage_table(rows, "distilled_revisit_psnr", "untrained_revisit_psnr", ".1f", 1.0),
+        ),
+        (
+            "Generator stages vs the untrained student: first-frame consistency (x100)",
+            lambda: _stage_table(
+                rows, "distilled_first_frame_consistency", "untrained_first_frame_consistency", ".2f", 100.0
+            ),
+        ),
+        ("Training time per stage (minutes)", lambda: _time_table(rows)),
     )
     for title, make in sections:
         try:

@@ -300,6 +300,8 @@ def test_a_resumed_pipeline_continues_its_parent_run(tmp_path, store):
     res = pipeline.run_pipeline(cfg, toy.stages(), stream=io.StringIO())
     assert res.parent_run_id == state["parent_run_id"]
     assert client.get_run(res.parent_run_id).info.status == "FINISHED"
+    again = pipeline.run_pipeline(cfg, toy.stages(), stream=io.StringIO())
+    assert again.ran == [] and again.parent_run_id != res.parent_run_id  # a new run, all cached
 
 
 def test_progress_line_counts_stages_and_estimates_time_left(tmp_path):

@@ -64,7 +64,20 @@ def test_write_tables_renders_each_ablation_per_preset_in_variant_order(tmp_path
     cfg = load_config("smoke")
     df = pd.DataFrame(
         [
-            row("on", 0, 1, 0.9, **{"teacher_erft/psnr_long_all": 27.25, "teacher/psnr_long_all": 25.0}),
+            row(
+                "on",
+                0,
+                1,
+                0.9,
+                **{
+                    "teacher_erft/psnr_long_all": 27.25,
+                    "teacher/psnr_long_all": 25.0,
+                    "student/untrained_revisit_psnr": 15.0,
+                    "student/distilled_revisit_psnr": 20.0,
+                    "cdmd2/distilled_revisit_psnr": 22.5,
+                    "pipeline/teacher_seconds": 90.0,
+                },
+            ),
             row("off", 0, 2, 0.8, **{"teacher/psnr_long_all": 26.0}),
             row("full", 0, 3, 0.7, ablation_="", memory="full", preset="smoke"),
         ]
@@ -89,6 +102,14 @@ def test_write_tables_renders_each_ablation_per_preset_in_variant_order(tmp_path
         ["context_forcing (slowfast; erft=on)", "teacher_erft", "27.2"],  # the ERFT teacher when it ran
         ["context_forcing (slowfast; erft=off)", "teacher", "26.0"],
     ]
+    gen = lines[
+        lines.index("## Generator stages vs the untrained student: revisit PSNR (dB), held-out worlds") + 2 :
+    ]
+    assert cells(gen[0]) == ["model", "untrained", "student", "cdmd2"]  # cdmd1 was never measured
+    assert cells(gen[2]) == ["context_forcing (slowfast; erft=on)", "15.0", "20.0", "22.5"]
+    assert cells(gen[3]) == ["context_forcing (slowfast; erft=off)", "-", "-", "-"]
+    times = lines[lines.index("## Training time per stage (minutes)") + 2 :]
+    assert cells(times[0]) == ["model", "teacher"] and cells(times[2])[1] == "1.5"
     assert "## Revisit PSNR" not in md  # nothing measured: the section is left out, not faked
     csv = pd.read_csv(tmp_path / "tiny" / "erft.csv")
     assert list(csv["variant"]) == ["on", "off"] and list(csv["seeds"]) == [1, 1]
