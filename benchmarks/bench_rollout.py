@@ -51,6 +51,8 @@ def summarise(r: dict) -> dict:
         "kv_linear": (not bounded) and all(b2 - b1 == kv[1] - kv[0] for b1, b2 in zip(kv, kv[1:])),
         "flat": bounded and abs(probe1 / probe0 - 1) <= TOLERANCE and len(set(kv[first_full:])) == 1,
         "latent_fps": r["latent_fps"], "video_fps": r["video_fps"],
+        "gflop_per_chunk_at_last": r["flops_per_chunk"][str(n)] / 1e9,
+        "mfu_at_last": r["mfu"][str(n)], "peak_gflops": r["peak_matmul_flops"] / 1e9,
     }
 
 
@@ -63,10 +65,13 @@ def table(preset: str, rows: list[dict], meta: dict) -> str:
             f"chunk 20 and the last chunk re-timed {meta['repeats']} times each, alternating, from copies "
             f"of the cache state each started from (median): the fair comparison when the load drifts. "
             f"`flat`: probed last-chunk latency within {TOLERANCE:.0%} of chunk 20's and cache bytes "
-            f"constant once full.\n\n")
+            f"constant once full. MFU: FLOPs of one chunk (counted by torch) over its probed time, as a "
+            f"fraction of the peak matmul FLOP/s measured in the same process "
+            f"({rows[0]['peak_gflops']:.1f} GFLOP/s).\n\n")
     cols = ("| policy | series ms @20 | series ms @last | probe ms @20 | probe ms @last | probe ratio | "
-            "KV MiB @20 | KV MiB @last | frames held | KV constant from chunk | flat | latent frames/s |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "KV MiB @20 | KV MiB @last | frames held | KV constant from chunk | flat | latent frames/s | "
+            "GFLOP/chunk @last | MFU @last |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         const = r["kv_constant_from_chunk"] if r["kv_constant_from_chunk"] else (
@@ -75,7 +80,8 @@ def table(preset: str, rows: list[dict], meta: dict) -> str:
         lines.append(f"| {r['policy']} | {r['ms_at_20']:.1f} | {r['ms_at_last']:.1f} | "
                      f"{r['probe_ms_at_20']:.1f} | {r['probe_ms_at_last']:.1f} | {r['probe_ratio']:.2f} | "
                      f"{r['kv_mib_at_20']:.3f} | {r['kv_mib_at_last']:.3f} | {r['frames_held']} | {const} | "
-                     f"{flat} | {r['latent_fps']:.1f} |")
+                     f"{flat} | {r['latent_fps']:.1f} | {r['gflop_per_chunk_at_last']:.3f} | "
+                     f"{r['mfu_at_last']:.1%} |")
     return head + cols + "\n".join(lines) + "\n"
 
 

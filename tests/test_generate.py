@@ -56,6 +56,7 @@ def test_generate_rejects_bad_context(tmp_path, capsys):
 
 
 def test_bench_rollout_json(capsys):
+    flops = {}
     for policy in ("full", "sink"):
         rc = main(["bench", "rollout", "--preset", "smoke", "--policy", policy, "--chunks", "6", "--json",
                    "--repeats", "2", "memory.sink_frames=1", "memory.window_frames=4"])
@@ -65,12 +66,15 @@ def test_bench_rollout_json(capsys):
         assert len(r["chunk_latency_s"]) == len(r["kv_bytes"]) == 6
         assert r["latent_fps"] > 0 and r["video_fps"] == r["latent_fps"]  # smoke: 1 video frame per latent
         assert set(r["probe_latency_s"]) == {"6"} and len(r["probe_samples_s"]["6"]) == 2
+        flops[policy] = r["flops_per_chunk"]["6"]
+        assert 0 < r["mfu"]["6"] and r["peak_matmul_flops"] > 0
         kv = r["kv_bytes"]
         if policy == "full":
             assert r["kv_frames"] == [2, 4, 6, 8, 10, 12]
             assert all(b == kv[0] * (i + 1) for i, b in enumerate(kv))
         else:  # sink 1 + 2 history frames of the window: full after the second chunk, constant after
             assert r["kv_frames"] == [2, 3, 3, 3, 3, 3] and len(set(kv[1:])) == 1
+    assert flops["full"] > flops["sink"]  # chunk 6 attends to 10 cached frames under full, 3 under sink
 
 
 def test_bench_rollout_unknown_policy(capsys):

@@ -199,3 +199,16 @@ def test_pinned_attention_kernel_gives_the_same_result(f64):
     with attention_kernels(cfg.model):
         math = model(x, sigma, cond, time_pos=torch.arange(4), frame_mask=block_causal_mask(4, 2)).pred
     assert (auto - math).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("scale", [8.0, 1.0])
+def test_position_scale_sets_the_unit_of_spatial_positions(scale):
+    cfg = load_config("tiny", overrides=[f"model.position_scale={scale}"])
+    net = CausalVideoDiT(cfg.model, cfg.data)
+    cam = torch.tensor([[[12.0, 4.0]]])  # camera at x=12, y=4 pixels
+    y, x = net._spatial(cam, 1, torch.float32)
+    unit = 8 / scale  # pixels per position unit (patch 8)
+    cols = torch.arange(4, dtype=torch.float32).repeat(4)  # 32 px / patch 8 = 4 x 4 tokens
+    rows = torch.arange(4, dtype=torch.float32).repeat_interleave(4)
+    assert torch.allclose(x[0, 0], (12 + 8 * cols) / unit)
+    assert torch.allclose(y[0, 0], (4 + 8 * rows) / unit)

@@ -47,6 +47,7 @@ def measure(cfg, n_chunks: int, *, sampler: str = "student", repeats: int = 15,
             progress: bool = False) -> dict:
     """Roll out `n_chunks` chunks with random weights; return the per-chunk figures as a dict."""
     import copy
+    import functools
     import statistics
     import time
 
@@ -55,6 +56,7 @@ def measure(cfg, n_chunks: int, *, sampler: str = "student", repeats: int = 15,
     from cf.diffusion import build_sampler
     from cf.memory import KVCache, build_policy
     from cf.model import attention_kernels, build_model, precision
+    from cf.perf import count_flops, mfu, peak_matmul_flops
     from cf.rollout import CacheBytes, ChunkTimer, Progress, RolloutCallback, chunk_step, rollout
     from cf.utils import compute_dtype, git_sha, pick_device, set_threads
 
@@ -105,6 +107,18 @@ def measure(cfg, n_chunks: int, *, sampler: str = "student", repeats: int = 15,
                 chunk_step(model, cache, smp, cond.frames(f0, f0 + chunk), x.to(device),
                            exit_step=smp.n_steps - 1, generator=gen)
                 samples[k].append(now() - t0)
+        # FLOPs of one chunk (sampler steps + cache write) at each probed length, counted by torch
+        flops: dict[int, int] = {}
+        for k in probes:
+            x = torch.randn(1, chunk, cfg.model.channels, cfg.data.height, cfg.data.width, generator=gen)
+            f0 = (k - 1) * chunk
+            step = functools.partial(chunk_step, model, copy.deepcopy(snap.states[k]), smp,
+                                     cond.frames(f0, f0 + chunk), x.to(device), exit_step=smp.n_steps - 1,
+                                     generator=gen)
+            flops[k], _ = count_flops(step)
+    dtype = compute_dtype(cfg.model.dtype, device)
+    peak = peak_matmul_flops(device, dtype)
+    probe_s = {k: statistics.median(v) for k, v in samples.items()}
     tail = timer.latencies[-min(20, n_chunks):]
     latent_fps = chunk / statistics.median(tail)
     return {
@@ -112,7 +126,7 @@ def measure(cfg, n_chunks: int, *, sampler: str = "student", repeats: int = 15,
         "preset": cfg.preset,
         "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"cpu ({torch.get_num_threads()} threads)"),
-        "dtype": str(compute_dtype(cfg.model.dtype, device)).replace("torch.", ""),
+        "dtype": str(dtype).replace("torch.", ""),
         "chunks": n_chunks,
         "frames_per_chunk": chunk,
         "sampler_steps": smp.n_steps,
@@ -124,8 +138,11 @@ def measure(cfg, n_chunks: int, *, sampler: str = "student", repeats: int = 15,
         "position_bound": policy.position_bound,
         "chunk_latency_s": timer.latencies,
         "chunk_cpu_s": timer.cpu_times,
-        "probe_latency_s": {str(k): statistics.median(v) for k, v in samples.items()},
+        "probe_latency_s": {str(k): v for k, v in probe_s.items()},
         "probe_samples_s": {str(k): v for k, v in samples.items()},
+        "flops_per_chunk": {str(k): v for k, v in flops.items()},
+        "peak_matmul_flops": peak,
+        "mfu": {str(k): mfu(flops[k], probe_s[k], peak) for k in probes},
         "kv_bytes": nbytes.nbytes,
         "kv_frames": nbytes.frames,
         "latent_fps": latent_fps,

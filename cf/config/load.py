@@ -161,7 +161,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(valid)}; set {key}=<one of them>")
     m, d, mem = cfg.model, cfg.data, cfg.memory
     for key in ("model.dim", "model.depth", "model.heads", "model.patch_size", "model.frames_per_chunk",
-                "data.height", "data.width", "data.fps", "data.clip_frames", "data.batch_size"):
+                "model.position_scale", "data.height", "data.width", "data.fps", "data.clip_frames",
+                "data.batch_size"):
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be positive")
     if m.dim % m.heads:

@@ -48,6 +48,10 @@ class ModelConfig:
     video_frames_per_latent: int = 1  # 4 for Wan's VAE; only used to report video FPS
     prediction: str = "x0"  # x0 | velocity
     positions: str = "world"  # world (panorama coordinates from the camera) | frame
+    # spatial positions (RoPE and the world embedding) count in units of patch_size / position_scale:
+    # with patch 8, 8 = pixels, so a half-patch camera offset turns the fastest rotary pair by 4 rad
+    # and "what was at this spot" is a sharp lookup; 1 = patch units (Wan's grid indices)
+    position_scale: float = 8.0
     text_encoder: str = "learned"  # learned | minilm | none
     text_tokens: int = 8  # prompt length in tokens for the learned encoder
     vocab_size: int = 512

@@ -51,6 +51,7 @@ class CausalVideoDiT(nn.Module):
         self.rows, self.cols = self.height // self.patch, self.width // self.patch
         self.dim, self.heads, self.head_dim = m.dim, m.heads, m.dim // m.heads
         self.prediction, self.positions = m.prediction, m.positions
+        self.position_scale = float(m.position_scale)
         patch_dim = m.channels * m.patch_size**2
 
         self.patch_embed = nn.Linear(patch_dim, m.dim)
@@ -106,17 +107,18 @@ class CausalVideoDiT(nn.Module):
 
     # ---------------------------------------------------------------- positions
     def _spatial(self, camera: Tensor | None, f: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(y, x) of every token in patch units, in the angle dtype (never bf16: positions reach
-        the thousands): [B, F, N] from the cameras (world) or [1, F, N] (frame)."""
+        """(y, x) of every token in units of patch / model.position_scale, in the angle dtype (never
+        bf16: positions reach the thousands): [B, F, N] from the cameras (world) or [1, F, N] (frame)."""
         pd = angle_dtype(dtype)
+        s = self.position_scale
         grid = torch.arange(self.rows * self.cols, device=self.null_token.device)
-        gy, gx = (grid // self.cols).to(pd), (grid % self.cols).to(pd)
+        gy, gx = (grid // self.cols).to(pd) * s, (grid % self.cols).to(pd) * s
         if self.positions == "frame":
             return gy.expand(1, f, -1), gx.expand(1, f, -1)
         if camera is None:
             raise CfError("model.positions=world needs the per-frame camera (cond.camera [B, F, 2]); "
                           "pass it, or set model.positions=frame")
-        cam = camera.to(pd) / self.patch  # [B, F, 2] (x, y)
+        cam = camera.to(pd) * (s / self.patch)  # [B, F, 2] (x, y)
         return cam[..., 1:2] + gy, cam[..., 0:1] + gx
 
     def rotate_read(self, read: CacheRead) -> CacheRead:
