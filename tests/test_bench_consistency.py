@@ -17,13 +17,14 @@ from cf.bench.consistency import run_consistency
 from cf.bench.entries import Entry, as_entry, generator_path, plan_entries
 from cf.cli import main
 from cf.config import load_config
+from cf.data.world import World
 from cf.errors import CfError
 from cf.metrics import VideoScorer, read_sidecar
 from cf.metrics import score as score_module
 from cf.metrics.lpips_net import Lpips
 from cf.model import build_model
 from cf.registry import UnknownNameError
-from cf.video import read_video
+from cf.video import read_video, to_uint8
 
 # self_forcing at its own policy (sliding) and context_forcing at its own (slowfast); 2 seeds of 4 s
 OVERRIDES = [
@@ -144,7 +145,15 @@ def test_plots_and_videos(bench):
                 assert (out / "videos" / e / f"seed{seed}{suffix}").is_file()
     a, b = (np.load(out / "videos" / e / "seed0.frames.npz")["frames"] for e in ENTRIES)
     assert a.shape == b.shape == (32, 16, 16, 3) and a.dtype == np.uint8
+    # both continue the world's first student.context_frames=4 clean frames, then generate
+    cfg = load_config("smoke")
+    world = to_uint8(World(cfg.data, cfg.data.eval_seed).render(32).video)
+    assert np.array_equal(a[:4], world[:4]) and np.array_equal(b[:4], world[:4])
+    assert not np.array_equal(a[4:], world[4:])
     assert not np.array_equal(a, b)  # the same random weights and noise: the memory policy differs
+    side = json.loads((out / "videos" / ENTRIES[0] / "seed0.json").read_text())
+    assert side["context_frames"] == 4 and side["revisits"]
+    assert min(r["t_revisit"] for r in side["revisits"]) >= 4  # only generated frames are revisits
     gif, fps = read_video(out / "videos" / ENTRIES[0] / "seed0.gif")
     assert gif.shape == a.shape
 
@@ -205,10 +214,14 @@ def test_one_mlflow_run_with_a_nested_run_per_entry(bench):
         assert f"videos/{row['entry']}/seed0.gif" in names
 
 
-def test_one_entry_logs_into_one_run_under_the_pipeline(bench, tmp_path):
-    """The pipeline's call: one entry (the mapping form), nested under its run; metrics and files on it."""
+def test_one_entry_logs_into_one_run_under_the_pipeline(bench, tmp_path, monkeypatch):
+    """The pipeline's call: one entry (the mapping form), nested under its run, with metrics and every
+    file on that run; with an LPIPS net (a random one here), LPIPS by lag joins the results."""
     _, uri = bench
-    cfg = load_config("smoke", "longlive", [f"tracking.uri={uri}", "tracking.experiment=single"])
+    monkeypatch.setattr(score_module, "lpips_or_reason", lambda weights: (Lpips(random=True), None))
+    cfg = load_config(
+        "smoke", "longlive", [f"tracking.uri={uri}", "tracking.experiment=single", "bench.lpips=true"]
+    )
     with tracking.start_run(cfg, "pipeline") as parent:
         entry = {"method": "longlive", "policy": "sink", "generator": None}
         res = run_consistency(cfg, [entry], tmp_path / "bench", parent_run_id=parent.run_id, progress=False)
@@ -224,21 +237,11 @@ def test_one_entry_logs_into_one_run_under_the_pipeline(bench, tmp_path):
         logged |= {a.path for a in client.list_artifacts(res.run_id, folder)}
     assert logged == {str(f.relative_to(tmp_path / "bench")) for f in res.files}
 
-
-def test_lpips_by_lag_when_an_lpips_net_is_available(monkeypatch, tmp_path):
-    monkeypatch.setattr(score_module, "lpips_or_reason", lambda weights: (Lpips(random=True), None))
-    cfg = load_config("smoke", overrides=["tracking.enabled=false", "bench.lpips=true"])
-    res = run_consistency(
-        cfg,
-        [{"method": "context_forcing", "policy": "slowfast", "generator": None}],
-        tmp_path,
-        progress=False,
-    )
     lags = tables.revisit_lags(res.runs, "lpips")
     assert [lag for lag, _ in lags] == [lag for lag, _ in tables.revisit_lags(res.runs, "psnr")]
-    assert res.runs[[c for _, c in lags]].notna().all().all()
+    assert res.runs[[c for _, c in lags]].notna().all().all() and "bench/revisit_lpips" in run.data.metrics
     assert np.allclose(res.revisit["lpips"], res.runs.loc[0, [c for _, c in lags]].astype(float))
-    title, body = (tmp_path / "results" / "revisit_lpips.md").read_text().split("\n\n", 1)
+    title, body = (tmp_path / "bench" / "results" / "revisit_lpips.md").read_text().split("\n\n", 1)
     assert "test only" in title and body == tables.revisit_table(res.runs, "lpips")
 
 

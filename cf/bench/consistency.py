@@ -6,10 +6,12 @@ its generator weights, or None for random ("untrained") weights. `plan_entries` 
 (the stage contract); `run_consistency` benchmarks a list of them (the pipeline calls it with one).
 
 Per entry and per seed k of ``bench.seeds``: `cf.commands.generate.generate` rolls the student sampler
-out for ``bench.seconds`` on the held-out world ``data.eval_seed + k`` (its prompt and camera path;
-noise seeded by k), and `cf.metrics.VideoScorer` scores it as saved (uint8 pixels), with the revisit
-pairs of the world's camera and the background masks of the world's ground truth. Every entry sees the
-same worlds, so entries differ only by generator. `cf.bench.report` writes the files.
+out on the held-out world ``data.eval_seed + k`` (its prompt and camera path; noise seeded by k) for
+``bench.seconds`` in all, continuing the world's first ``student.context_frames`` clean frames as the
+student was trained to (0: from noise alone), and `cf.metrics.VideoScorer` scores it as saved (uint8
+pixels), with the revisit pairs of the world's camera whose revisit frame is generated and the
+background masks of the world's ground truth. Every entry sees the same worlds and the same clean
+frames, so entries differ only by generator. `cf.bench.report` writes the files.
 
 Outputs in `out_dir` (untrained entries carry "-untrained" in their names and "[untrained]" in labels):
   results/runs.csv          one row per entry: the column contract of `cf.bench.tables`
@@ -43,6 +45,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from omegaconf import OmegaConf
@@ -186,8 +189,13 @@ def _bench_entry(cfg, entry: Entry, seeds: list[int], scorer, extra, device, out
 
     model = _load_model(entry, device)
     n_frames, fps = bench_frames(cfg), float(cfg.data.fps)
-    chunk = entry.cfg.model.frames_per_chunk
-    n_chunks = -(-n_frames // chunk)
+    chunk, n_ctx = entry.cfg.model.frames_per_chunk, entry.cfg.student.context_frames
+    if n_frames <= n_ctx:
+        raise CfError(
+            f"bench.seconds={cfg.bench.seconds:g} gives {n_frames} frames, no more than the "
+            f"student.context_frames={n_ctx} clean frames the student continues: raise bench.seconds"
+        )
+    n_chunks = -(-(n_frames - n_ctx) // chunk)
     scorer.reset()
     curves = {b.name: FirstFrameConsistency(cfg.bench.segment_s).to(device) for b in extra}
     videos, files, latencies, strip = [], [], [], None
@@ -198,19 +206,19 @@ def _bench_entry(cfg, entry: Entry, seeds: list[int], scorer, extra, device, out
         world_seed = cfg.data.eval_seed + seed
         timer = ChunkTimer(device)
         video, meta = generate(
-            ecfg, model, n_chunks, sampler="student", world_seed=world_seed, callbacks=[timer]
+            ecfg, model, n_chunks, sampler="student", context=n_ctx, world_seed=world_seed, callbacks=[timer]
         )
         latencies += timer.latencies
         frames = to_uint8(video[:n_frames])  # [T, H, W, 3]: scored as saved
         clip = World(entry.cfg.data, world_seed).render(n_frames)
+        pairs, masks = generated_revisits(clip, n_ctx)
         bar.set_postfix_str(f"{entry.name} seed {seed}: scoring")
-        scores = scorer.score(frames, fps, clip.revisits, clip.revisit_masks())
+        scores = scorer.score(frames, fps, pairs or None, masks if pairs else None)
         for b in extra:
             curve = curves[b.name](embed_frames(b, torch.from_numpy(frames).to(device))[None], fps)
             scores[f"first_frame_{b.name}"] = _curve_rows(curve)
-        files += report.write_video_files(
-            out_dir / "videos" / entry.name / f"seed{seed}", frames, clip, meta, scores, entry, fps
-        )
+        stem = out_dir / "videos" / entry.name / f"seed{seed}"
+        files += report.write_video_files(stem, frames, pairs, masks, meta, scores, entry, fps)
         videos.append(
             {
                 **_identity(entry),
@@ -227,7 +235,8 @@ def _bench_entry(cfg, entry: Entry, seeds: list[int], scorer, extra, device, out
     for b in extra:
         agg[f"first_frame_{b.name}"] = _curve_rows(curves[b.name].compute())
     cols = _score_columns(agg, scorer.backbone.name, extra)
-    cols["fps"] = len(seeds) * n_chunks * chunk * entry.cfg.model.video_frames_per_latent / sum(latencies)
+    generated = len(seeds) * n_chunks * chunk * entry.cfg.model.video_frames_per_latent
+    cols["fps"] = generated / sum(latencies)
     cols["ms_per_chunk"] = 1e3 * statistics.median(latencies)
     row = {
         **_identity(entry),
@@ -235,10 +244,18 @@ def _bench_entry(cfg, entry: Entry, seeds: list[int], scorer, extra, device, out
         "data.fps": fps,
         "seeds": json.dumps(seeds),
         "seconds": n_frames / fps,
+        "context_frames": n_ctx,
         "generator": str(entry.generator or ""),
         **cols,
     }
     return {"entry": entry, "row": row, "videos": videos, "agg": agg, "strip": strip, "files": files}
+
+
+def generated_revisits(clip, n_ctx: int) -> tuple[list[tuple[int, int, int]], np.ndarray]:
+    """The world's revisit pairs whose revisit frame is generated (t_revisit >= n_ctx; between two clean
+    context frames a revisit is exact by construction), with their background masks [P, H, W]."""
+    keep = [i for i, (_, t2, _) in enumerate(clip.revisits) if t2 >= n_ctx]
+    return [clip.revisits[i] for i in keep], clip.revisit_masks()[keep]
 
 
 def _curve_rows(curve: dict) -> list[dict]:
@@ -330,7 +347,7 @@ def _rename(run, entry: Entry | None) -> None:
 
 def _metrics(row: dict) -> dict[str, float]:
     """The numeric score columns of a row as ``bench/<column>`` (NaN / missing left out)."""
-    skip = {"seconds", "data.fps", "world_seed", "seed"}
+    skip = {"seconds", "data.fps", "world_seed", "seed", "context_frames"}
     out = {}
     for k, v in row.items():
         if k in skip or isinstance(v, (str, bool)) or v is None:

@@ -22,18 +22,27 @@ VIEW_SIZE = 256  # the mp4 is enlarged to about this many pixels on its longer s
 
 
 def write_video_files(
-    stem: Path, frames: np.ndarray, clip, meta: dict, scores: dict, entry: Entry, fps: float
+    stem: Path,
+    frames: np.ndarray,
+    pairs: list,
+    masks: np.ndarray,
+    meta: dict,
+    scores: dict,
+    entry: Entry,
+    fps: float,
 ) -> list[Path]:
-    """One video (uint8 [T, H, W, 3]) as <stem>.gif (native size) and .mp4 (enlarged) to watch,
-    <stem>.frames.npz (key ``frames``: the exact pixels that were scored; a gif of more than 256
-    colours is quantised), and the `cf score` sidecar <stem>.json + <stem>.revisit_masks.npz."""
+    """One video (uint8 [T, H, W, 3]) and its scored revisit pairs with their masks [P, H, W]:
+    <stem>.gif (native size) and .mp4 (enlarged) to watch, <stem>.frames.npz (key ``frames``: the
+    exact pixels that were scored; a gif of more than 256 colours is quantised), and the `cf score`
+    sidecar <stem>.json + <stem>.revisit_masks.npz."""
     from cf.video import write_video
 
     h, w = frames.shape[1:3]
     gif = write_video(stem.with_suffix(".gif"), frames, fps)
     mp4 = write_video(stem.with_suffix(".mp4"), frames, fps, scale=max(1, VIEW_SIZE // max(h, w)))
-    exact, masks = stem.with_name(stem.name + ".frames.npz"), stem.with_name(stem.name + ".revisit_masks.npz")
-    for path, key, array in ((exact, "frames", frames), (masks, "masks", clip.revisit_masks())):
+    exact = stem.with_name(stem.name + ".frames.npz")
+    mask_file = stem.with_name(stem.name + ".revisit_masks.npz")
+    for path, key, array in ((exact, "frames", frames), (mask_file, "masks", masks)):
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, **{key: array})
     sidecar = {
@@ -43,10 +52,10 @@ def write_video_files(
         "weights": entry.weights,
         "generator": str(entry.generator or ""),
         "camera": meta["camera"][: len(frames)],
-        "revisits": [{"t_first": a, "t_revisit": b, "lag": c} for a, b, c in clip.revisits],
+        "revisits": [{"t_first": a, "t_revisit": b, "lag": c} for a, b, c in pairs],
         "scores": scores,
     }
-    return [gif, mp4, exact, atomic_write_json(stem.with_suffix(".json"), sidecar), masks]
+    return [gif, mp4, exact, atomic_write_json(stem.with_suffix(".json"), sidecar), mask_file]
 
 
 def write_results(result: BenchResult, out_dir: Path, scorer, entries: list[Entry], cfg) -> list[Path]:
