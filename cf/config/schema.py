@@ -177,7 +177,8 @@ class CdmdConfig:
     long_chunks_end: int = 12  # [start, max], max growing linearly from start to end over stage2_steps
     teacher_history: str = "policy"  # policy (full history through memory) | window (last window)
     stage2: bool = True
-    max_minutes: float | None = None  # wall-clock cap of each stage's training (stops cleanly)
+    stage1_max_minutes: float | None = None  # wall-clock caps of each stage's training (stop cleanly,
+    stage2_max_minutes: float | None = None  # checkpoint kept; the curriculum then ends early)
 
 
 @dataclass

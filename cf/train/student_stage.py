@@ -20,9 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from cf import tracking
 from cf.config import config_hash
@@ -115,9 +117,11 @@ def ode_pairs(cfg, teacher_weights: dict[str, torch.Tensor], stage_dir: Path) ->
     return pairs, prompts
 
 
-def _clock(minutes: float | None) -> list:
+def _clock(cfg, key: str) -> list:
+    """A wall-clock stop for the stage from config key `key` (e.g. student.max_minutes), if set."""
+    minutes = OmegaConf.select(cfg, key)
     if minutes is not None and minutes <= 0:
-        raise CfError(f"max_minutes={minutes} must be positive, or null for no limit")
+        raise CfError(f"{key}={minutes} must be positive, or null for no limit")
     return [] if minutes is None else [WallClockStop(minutes)]
 
 
@@ -130,9 +134,11 @@ def train_student(
     teacher_ckpt: str | Path,
     parent_run_id: str | None = None,
     evaluate_after: bool = True,
+    callbacks: Sequence = (),
 ) -> Path:
     """Student initialisation from `teacher_ckpt` (a teacher or teacher_erft checkpoint); returns
-    `<out_dir>/student/last.ckpt`. A finished stage only re-evaluates."""
+    `<out_dir>/student/last.ckpt`. A finished stage only re-evaluates. `callbacks`: extra Lightning
+    callbacks for the stage's Trainer (profilers, tests)."""
     out_dir = Path(out_dir)
     stage_dir = out_dir / "student"
     seed_everything(cfg.seed)
@@ -146,7 +152,7 @@ def train_student(
             cfg,
             out_dir,
             "student",
-            callbacks=_clock(cfg.student.max_minutes),
+            callbacks=[*_clock(cfg, "student.max_minutes"), *callbacks],
             logger=run.lightning_logger(),
             max_steps=cfg.student.steps,
         )
@@ -165,10 +171,12 @@ def train_cdmd(
     init_ckpt: str | Path,
     parent_run_id: str | None = None,
     evaluate_after: bool = True,
+    callbacks: Sequence = (),
 ) -> Path:
     """CDMD stage 1 or 2: the generator from `init_ckpt` (the student's checkpoint for stage 1,
     cdmd1's for stage 2; a .ckpt or a generator.safetensors), teacher and critic from `teacher_ckpt`.
-    Returns `<out_dir>/cdmd<stage>/last.ckpt`. A finished stage only re-evaluates."""
+    Returns `<out_dir>/cdmd<stage>/last.ckpt`. A finished stage only re-evaluates. `callbacks`: as for
+    `train_student`."""
     if stage not in STAGES:
         raise CfError(f"cdmd stage {stage!r} is not 1 or 2")
     if stage == 2 and not cfg.cdmd.stage2:
@@ -194,7 +202,7 @@ def train_cdmd(
             cfg,
             out_dir,
             name,
-            callbacks=_clock(cfg.cdmd.max_minutes),
+            callbacks=[*_clock(cfg, f"cdmd.stage{stage}_max_minutes"), *callbacks],
             logger=run.lightning_logger(),
             max_steps=stage_steps(cfg.cdmd, stage),
             grad_clip=0,
