@@ -445,6 +445,14 @@ def _stage_run_metrics(parent: Any, stage: str) -> tuple[str | None, dict[str, f
     return runs[0].info.run_id, {k: float(v) for k, v in runs[0].data.metrics.items() if "/" in k}
 
 
+def _close_orphans(parent: Any) -> None:
+    """Mark KILLED the stage runs a hard kill (SIGKILL, power loss) left RUNNING under `parent`."""
+    exp = parent.client.get_experiment_by_name(parent.experiment_name)
+    flt = f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'RUNNING'"
+    for run in parent.client.search_runs([exp.experiment_id], filter_string=flt):
+        parent.client.set_terminated(run.info.run_id, "KILLED")
+
+
 def _relative(path: Path, root: Path) -> str:
     try:
         return str(Path(path).resolve().relative_to(root.resolve()))
@@ -580,6 +588,8 @@ def run_pipeline(
     }
     with tracking.start_run(cfg, "pipeline", extra_tags=tags, run_id=resume_id) as parent:
         result.parent_run_id = parent.run_id
+        if resume_id is not None:
+            _close_orphans(parent)
         atomic_write_json(
             state_path,
             {

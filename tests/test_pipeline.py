@@ -297,9 +297,13 @@ def test_a_resumed_pipeline_continues_its_parent_run(tmp_path, store):
     state = json.loads((pipeline.run_dir(cfg) / "pipeline.json").read_text())
     client = MlflowClient(tracking.tracking_uri(cfg))
     assert client.get_run(state["parent_run_id"]).info.status == "KILLED"
+    # a stage run that a hard kill (no chance to close it) left RUNNING
+    exp = client.get_experiment_by_name(store[1]).experiment_id
+    orphan = client.create_run(exp, tags={"mlflow.parentRunId": state["parent_run_id"], "stage": "x"})
     res = pipeline.run_pipeline(cfg, toy.stages(), stream=io.StringIO())
     assert res.parent_run_id == state["parent_run_id"]
     assert client.get_run(res.parent_run_id).info.status == "FINISHED"
+    assert client.get_run(orphan.info.run_id).info.status == "KILLED"
     again = pipeline.run_pipeline(cfg, toy.stages(), stream=io.StringIO())
     assert again.ran == [] and again.parent_run_id != res.parent_run_id  # a new run, all cached
 
