@@ -101,10 +101,8 @@ class TeacherModule(pl.LightningModule):
         cfg = self.cfg
         video, camera = batch["video"], batch["camera"]  # [B, F, C, H, W], [B, F, 2]
         b, f = video.shape[:2]
-        shared = step_generator(cfg.seed, step, None)  # choices every rank agrees on
         g = step_generator(cfg.seed, step, self.global_rank, stream=1)
-        n_hist = self.chunk * int(torch.randint(self.min_hist, self.max_hist + 1, (1,), generator=shared))
-        start = int(torch.randint(0, f - n_hist - self.n_target + 1, (1,), generator=shared))
+        n_hist, start = self.draw_window(step, f)
         hist = video[:, start:start + n_hist]
         x0 = video[:, start + n_hist:start + n_hist + self.n_target]
         cam = camera[:, start:start + n_hist + self.n_target]
@@ -139,6 +137,14 @@ class TeacherModule(pl.LightningModule):
                 self.bank.add((x0_pred - x0).flatten(0, 1), sigma.flatten())
             logs["teacher/bank_filled"] = torch.tensor(float(self.bank.filled()))
         return per_sample.mean(), logs
+
+    def draw_window(self, step: int, clip_frames: int) -> tuple[int, int]:
+        """(history length, first frame) of step `step`'s sample window: drawn from the generator
+        every rank shares, so all ranks cut their clips alike and their graphs match under DDP."""
+        shared = step_generator(self.cfg.seed, step, None)
+        n_hist = self.chunk * int(torch.randint(self.min_hist, self.max_hist + 1, (1,), generator=shared))
+        start = int(torch.randint(0, clip_frames - n_hist - self.n_target + 1, (1,), generator=shared))
+        return n_hist, start
 
     def _mean_keys(self, hist: Tensor, cam: Tensor, cond: Cond) -> Tensor | None:
         """Mean keys of the history frames, for policies that promote by key similarity."""

@@ -7,6 +7,7 @@ sample video into `<out>/<stage>/`, and log all of it to the stage's MLflow run.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -26,10 +27,12 @@ STAGES = {"teacher": False, "teacher_erft": True}
 
 
 def train_teacher(cfg, out_dir: str | Path, stage: str = "teacher", evaluate_after: bool = True,
-                  init_ckpt: str | Path | None = None, parent_run_id: str | None = None) -> Path:
+                  init_ckpt: str | Path | None = None, parent_run_id: str | None = None,
+                  callbacks: Sequence = ()) -> Path:
     """Train one teacher stage; returns its checkpoint. A finished stage only re-evaluates.
 
-    `teacher_erft` starts from `init_ckpt` (default: `<out_dir>/teacher/last.ckpt`).
+    `teacher_erft` starts from `init_ckpt` (default: `<out_dir>/teacher/last.ckpt`). `callbacks`: extra
+    Lightning callbacks for the stage's Trainer (profilers, tests).
     """
     if stage not in STAGES:
         raise CfError(f"unknown teacher stage {stage!r}; expected one of {sorted(STAGES)}")
@@ -48,7 +51,8 @@ def train_teacher(cfg, out_dir: str | Path, stage: str = "teacher", evaluate_aft
                                     "num_updates": 0, "decay": cfg.trainer.ema})
     steps = cfg.erft.steps if erft else cfg.trainer.max_steps
     with tracking.start_run(cfg, stage, parent_run_id=parent_run_id) as run:
-        trainer = make_trainer(cfg, out_dir, stage, logger=run.lightning_logger(), max_steps=steps)
+        trainer = make_trainer(cfg, out_dir, stage, callbacks=callbacks, logger=run.lightning_logger(),
+                               max_steps=steps)
         last = fit(trainer, module, VideoDataModule(cfg), out_dir, stage)
         if evaluate_after and trainer.is_global_zero:
             report(module, cfg, out_dir / stage, trainer.global_step)
