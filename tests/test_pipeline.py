@@ -366,3 +366,26 @@ def test_smoke_pipeline_end_to_end_then_another_policy_reuses_the_teacher(tmp_pa
     parent = client.get_run(res.parent_run_id)
     assert any(k.startswith("bench/") for k in parent.data.metrics)
     assert any(k.startswith("teacher/") for k in parent.data.metrics)
+
+
+def test_cf_ablate_plan_names_the_run_dir_and_each_stage_state(tmp_path, capsys):
+    from cf.cli import main
+
+    out = tmp_path / "runs"  # where cfg_for's configs point
+    base = ["ablate", "--plan", "--preset", "smoke", "--memory", "sink", "--out", str(out)]
+    assert main([*base, "tracking.enabled=false"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"pipeline -> {out}/smoke/context_forcing-sink-seed0:"
+    assert [line.split()[:2] for line in lines[1:]] == [[n, "to"] for n in NAMES]
+    planned = pipeline.plan(cfg_for(tmp_path, "memory.policy=sink"))
+    planned[0].dir.mkdir(parents=True)
+    planned[0].marker.write_text("{}")
+    (planned[1].dir / "teacher_erft").mkdir(parents=True)
+    (planned[1].dir / "teacher_erft" / "last.ckpt").write_text("")
+    assert main([*base, "erft.steps=3", "tracking.enabled=false"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"pipeline -> {out}/smoke/context_forcing-sink-seed0-cfg")
+    assert lines[1].split()[:2] == ["teacher", "done"]  # the override leaves the teacher alone
+    assert lines[2].split()[:2] == ["teacher_erft", "to"]  # another ERFT config: another dir
+    assert main([*base, "tracking.enabled=false"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].split()[:2] == ["teacher_erft", "partial"]
