@@ -189,6 +189,9 @@ def variant_configs(
                 "hashes the same); make them differ in a key a stage reads",
             )
         seen[key] = variant
+        if cfg.tracking.run_name is None and variant not in (cfg.method, cfg.memory.policy):
+            # the MLflow run names tell variants apart that share a method and a policy
+            cfg.tracking.run_name = f"{cfg.method}-{cfg.memory.policy}-{preset}-{ab.name}={variant}"
         configs[variant] = cfg
     return configs
 

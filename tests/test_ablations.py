@@ -56,6 +56,12 @@ def test_memory_grid_trains_one_teacher_and_four_students():
     assert len({p["teacher_erft"] for p in plans.values()}) == 1
     assert len({p["student"] for p in plans.values()}) == 4
     assert {c.memory.policy for c in cfgs.values()} == set(plans)
+    assert {c.tracking.run_name for c in cfgs.values()} == {None}  # the policy already names the run
+    erft = configs("erft")
+    assert [c.tracking.run_name for c in erft.values()] == [
+        "context_forcing-slowfast-tiny-erft=on",
+        "context_forcing-slowfast-tiny-erft=off",
+    ]
 
 
 def test_methods_grid_keeps_each_methods_policy_unless_the_command_line_sets_one():
