@@ -285,3 +285,24 @@ def test_bf16_autocast_keeps_the_cache_in_bf16():
         res, cache = run(cfg, model, cond, n_chunks=4)
     r = cache.read()
     assert r.k[0].dtype == r.v[0].dtype == torch.bfloat16 and torch.isfinite(res.video).all()
+
+
+@pytest.mark.slow  # ~1 min on 2 cores: 4,680-token chunks attending to 9,360 keys
+def test_wan_shapes_run_through_the_same_rollout():
+    """The `wan` preset's frame geometry (16-channel 60x104 latents, patch 2 = 1560 tokens per frame,
+    3-frame chunks, velocity prediction, grid positions, slow-fast 3 + 12 + 6) through the shared
+    loop, with a narrow 1-layer network so the CPU can afford it; the speed run uses the full width."""
+    from cf.model import build_model
+
+    cfg = load_config("wan", overrides=["model.depth=1", "model.dim=64", "model.heads=1", "model.ffn_dim=64",
+                                        "model.text_tokens=4", "model.text_dim=32", "device=cpu"])
+    torch.manual_seed(0)
+    model = build_model(cfg, "cpu").eval()
+    assert model.tokens_per_frame() == 1560
+    cache = KVCache(build_policy(cfg.memory, cfg.model.frames_per_chunk))
+    with torch.no_grad():
+        cond = model.make_cond(["a wan-shaped rollout"])
+        res = rollout(model, cache, build_sampler(cfg.diffusion, "student"), cond, 2,
+                      generator=torch.Generator().manual_seed(0))
+    assert res.video.shape == (1, 6, 16, 60, 104) and torch.isfinite(res.video).all()
+    assert cache.n_written == 6 and cache.read().positions.max() < 3 + 12 + 6  # bounded positions
