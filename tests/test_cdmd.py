@@ -196,7 +196,7 @@ def test_each_recipe_trains_its_stages_at_smoke(tmp_path, teacher_ckpt, method):
             (d / f).is_file() for f in ("last.ckpt", GENERATOR_FILE, "eval.json", "samples.png", "sample.mp4")
         )
         ev = json.loads((d / "eval.json").read_text())
-        assert set(ev["summary"]) == {"distilled", "untrained", "world"}
+        assert set(ev["summary"]) == {"distilled", "untrained", "world", "teacher"}
         assert ev["summary"]["world"]["revisit_psnr"] == 100.0  # the world revisits itself exactly
         assert set(ev["distilled_beats_untrained"]) == {"revisit_psnr", "first_frame_consistency"}
     ckpt = load_checkpoint(last)

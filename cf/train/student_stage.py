@@ -8,11 +8,12 @@ logged to the stage's MLflow run.
 
 Evaluation: on `student.eval_videos` held-out worlds (seeds data.eval_seed + i), videos of
 `student.eval_seconds` (the first `student.context_frames` clean, then generated) from the
-generator, from the untrained student (random initialisation) and the world's own frames,
-scored by `cf.metrics.VideoScorer` (`student.eval_backbone`, pixels by default: weight-free):
-revisit PSNR (by lag), first-frame consistency, and the rest of the scorer's numbers. Caveat
-written into eval.json: a near-static video scores high on both, so read them next to the world's
-own scores and the frame contrast.
+generator, from the untrained student (random initialisation), from the teacher (its Euler
+sampler: what distillation aims at) and the world's own frames, scored by
+`cf.metrics.VideoScorer` (`student.eval_backbone`, pixels by default: weight-free): revisit PSNR
+(by lag), first-frame consistency, and the rest of the scorer's numbers. Caveat written into
+eval.json: a near-static video scores high on both, so read them next to the world's own scores
+and the frame contrast.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from cf.video import contact_sheet, write_video
 GENERATOR_FILE = "generator.safetensors"
 PAIRS_FILE = "ode_pairs.safetensors"
 LAG_BINS = ((2, 8), (9, 16), (17, 32), (33, 64), (65, None))  # revisit lags (frames) pooled for MLflow
-EVAL_MODELS = ("distilled", "untrained", "world")
+EVAL_ROWS = ("distilled", "untrained", "world", "teacher")
 
 
 # ---------------------------------------------------------------------- weights
@@ -159,7 +160,15 @@ def train_student(
         t0 = time.monotonic()
         last = fit(trainer, module, data, out_dir, "student")
         if evaluate_after and trainer.is_global_zero:
-            finish(module.ema_net(), cfg, stage_dir, "student", trainer.global_step, time.monotonic() - t0)
+            finish(
+                module.ema_net(),
+                cfg,
+                stage_dir,
+                "student",
+                trainer.global_step,
+                time.monotonic() - t0,
+                teacher=_on_device(cfg, teacher, next(module.parameters()).device),
+            )
     return last
 
 
@@ -211,7 +220,15 @@ def train_cdmd(
         t0 = time.monotonic()
         last = fit(trainer, module, data, out_dir, name)
         if evaluate_after and trainer.is_global_zero:
-            finish(module.ema_net(), cfg, out_dir / name, name, trainer.global_step, time.monotonic() - t0)
+            finish(
+                module.ema_net(),
+                cfg,
+                out_dir / name,
+                name,
+                trainer.global_step,
+                time.monotonic() - t0,
+                teacher=module.teacher.eval(),
+            )
     return last
 
 
@@ -226,8 +243,13 @@ def untrained_student(cfg, device: torch.device) -> CausalVideoDiT:
     return net.to(device=device, dtype=param_dtype(cfg.model, device)).eval()
 
 
-def evaluate_generator(cfg, net: CausalVideoDiT, progress: bool = True) -> dict:
-    """Score `net`, the untrained student and the world on held-out worlds (see the module doc).
+def evaluate_generator(
+    cfg, net: CausalVideoDiT, teacher: CausalVideoDiT | None = None, progress: bool = True
+) -> dict:
+    """Score `net`, the untrained student, the world and (if given) the teacher on held-out worlds (see
+    the module doc). The teacher samples with its Euler sampler and `student.guidance`, through the
+    same memory policy: what distillation aims at, at `diffusion.teacher_steps / len(student_timesteps)`
+    times the student's cost.
 
     Returns {"setup": ..., "scores": {model: VideoScorer aggregate}, "summary": {model: headline
     numbers}, "distilled_beats_untrained": {metric: bool}, "frames": {model: video 0}}.
@@ -246,7 +268,13 @@ def evaluate_generator(cfg, net: CausalVideoDiT, progress: bool = True) -> dict:
     n_chunks = max(1, -(-(round(s.eval_seconds * fps) - n_ctx) // chunk))
     total = n_ctx + n_chunks * chunk
     models = {"distilled": net, "untrained": untrained_student(cfg, device)}
-    scorers = {m: VideoScorer(cfg, backbone=s.eval_backbone, lpips=None, device=device) for m in EVAL_MODELS}
+    sampler = {"distilled": "student", "untrained": "student", "teacher": "teacher"}
+    if teacher is not None:
+        models["teacher"] = teacher
+    rows = [r for r in EVAL_ROWS if r in models or r == "world"]
+    scorers = {m: VideoScorer(cfg, backbone=s.eval_backbone, lpips=None, device=device) for m in rows}
+    has_cond = cfg.model.text_encoder != "none" or cfg.model.camera
+    guidance = {"distilled": 1.0, "untrained": 1.0, "teacher": float(s.guidance) if has_cond else 1.0}
     frames: dict[str, torch.Tensor] = {}
     seeds = [cfg.data.eval_seed + i for i in range(s.eval_videos)]
     it = seeds
@@ -258,7 +286,9 @@ def evaluate_generator(cfg, net: CausalVideoDiT, progress: bool = True) -> dict:
         clip = World(cfg.data, seed).render(total)
         pairs = revisits_after(clip, n_ctx)
         videos = {
-            m: generate(cfg, model, n_chunks, context=n_ctx, world_seed=seed)[0]
+            m: generate(
+                cfg, model, n_chunks, sampler=sampler[m], guidance=guidance[m], context=n_ctx, world_seed=seed
+            )[0]
             for m, model in models.items()
         }
         videos["world"] = clip.video
@@ -266,7 +296,7 @@ def evaluate_generator(cfg, net: CausalVideoDiT, progress: bool = True) -> dict:
             scorers[m].score(video, fps, *pairs)
             frames.setdefault(m, video)
     scores = {m: sc.aggregate() for m, sc in scorers.items()}
-    summary = {m: headline(scores[m], frames[m]) for m in EVAL_MODELS}
+    summary = {m: headline(scores[m], frames[m]) for m in rows}
     beats = {
         k: _gt(summary["distilled"][k], summary["untrained"][k])
         for k in ("revisit_psnr", "first_frame_consistency")
@@ -338,8 +368,17 @@ def headline(agg: dict, video: torch.Tensor) -> dict:
     return out
 
 
-def finish(net: CausalVideoDiT, cfg, stage_dir: Path, stage: str, step: int, train_seconds: float) -> dict:
-    """Export the generator, evaluate it, write eval.json + samples, log them to the open run."""
+def finish(
+    net: CausalVideoDiT,
+    cfg,
+    stage_dir: Path,
+    stage: str,
+    step: int,
+    train_seconds: float,
+    teacher: CausalVideoDiT | None = None,
+) -> dict:
+    """Export the generator, evaluate it (beside `teacher` if given), write eval.json + samples, log them
+    to the open run."""
     export_safetensors(
         net,
         stage_dir / GENERATOR_FILE,
@@ -347,7 +386,7 @@ def finish(net: CausalVideoDiT, cfg, stage_dir: Path, stage: str, step: int, tra
     )
     t0 = time.monotonic()
     with torch.no_grad():
-        res = evaluate_generator(cfg, net)
+        res = evaluate_generator(cfg, net, teacher)
     frames = res.pop("frames")
     prefix = "student" if stage == "student" else "cdmd"
     metrics = {
@@ -373,8 +412,12 @@ def finish(net: CausalVideoDiT, cfg, stage_dir: Path, stage: str, step: int, tra
     cols = list(range(0, n, max(1, n // 10)))[:10]
     sheet = contact_sheet(
         stage_dir / "samples.png",
-        [frames[m][cols] for m in ("world", "untrained", "distilled")],
-        row_labels=["world", "untrained", stage],
+        [frames[m][cols] for m in ("world", "teacher", "distilled", "untrained") if m in frames],
+        row_labels=[
+            {"distilled": stage}.get(m, m)
+            for m in ("world", "teacher", "distilled", "untrained")
+            if m in frames
+        ],
         col_labels=[f"{i / cfg.data.fps:.1f}s" for i in cols],
         title=f"{stage} at step {step}: world {res['setup']['worlds'][0]}, {cfg.memory.policy} memory",
     )
