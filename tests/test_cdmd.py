@@ -158,10 +158,15 @@ def test_teacher_and_critic_read_the_same_generated_history(monkeypatch, history
     for (_, a), (_, b) in zip(t, c):
         assert a == b if isinstance(a, tuple) else torch.equal(a, b)
     first = video.shape[1] - 4
-    if history == "policy":  # the whole history (context included) is prefilled, then the window
+    reads = [sorted(held) for k, held in t if k == "read_for_query"]  # frames held, from the cache start
+    if history == "policy":  # the whole history (context included) through the run's memory policy
         assert t[0][0] == "prefill" and torch.equal(t[0][1], video[:, :first])
-    else:  # the window alone: nothing before it is read
-        assert t[0] == ("read_for_query", ()) and all(k != "prefill" for k, _ in t)
+        # slow-fast: the sink (frame 0, real context) ... the newest frame before the window
+        assert reads[0][0] == 0 and reads[0][-1] == first - 1 and len(reads[0]) <= module.policy.capacity
+    else:  # only the teacher's own context length (4 frames at smoke) before each chunk
+        assert cfg.teacher.context_frames == 4
+        assert t[0][0] == "prefill" and torch.equal(t[0][1], video[:, first - 4 : first])
+        assert reads == [[0, 1, 2, 3], [2, 3, 4, 5]]
 
 
 # ---------------------------------------------------------------------- the recipes end to end

@@ -177,7 +177,9 @@ class CdmdConfig:
     short_chunks: int = 4  # stage 1 rollout (teacher-length); also the DMD window of stage 2
     long_chunks_start: int = 8  # stage 2 curriculum: the rollout length is drawn from
     long_chunks_end: int = 12  # [start, max], max growing linearly from start to end over stage2_steps
-    teacher_history: str = "policy"  # policy (full history through memory) | window (last window)
+    # how teacher and critic read the student's history: policy (all of it through the run's memory
+    # policy, as the paper says) | window (the last teacher.context_frames only, as the released code)
+    teacher_history: str = "policy"
     stage2: bool = True
     stage1_max_minutes: float | None = None  # wall-clock caps of each stage's training (stop cleanly,
     stage2_max_minutes: float | None = None  # checkpoint kept; the curriculum then ends early)

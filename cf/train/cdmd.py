@@ -16,7 +16,7 @@ steps, and everything is a pure function of the step: exact resume.
   the generator updates), history chunks fully denoised, a random exit on the last `short_chunks`
   chunks (the window). Teacher and critic read the generated history the same way:
   `cdmd.teacher_history=policy` prefills the whole history through the run's memory policy;
-  `window` shows them the window alone (read as the teacher was trained), the released code's choice.
+  `window` shows them only the last `teacher.context_frames` frames (the released code's choice).
 
 Rollouts continue the clean first `student.context_frames` frames of a world (0: from noise alone,
 the paper's text-to-video); the teacher and the critic read those frames as history too.
@@ -41,7 +41,7 @@ from cf.memory import KVCache, MemoryPolicy, build_policy
 from cf.model import CausalVideoDiT, Cond
 from cf.rollout import prefill, read_for_query, rollout, write_clean
 from cf.train.base import EMA, build_optimizer, step_generator
-from cf.train.teacher import teacher_policy
+from cf.train.student import check_context
 
 STAGES = {1: "cdmd1", 2: "cdmd2"}
 
@@ -106,8 +106,6 @@ def plan_step(cdmd_cfg, stage: int, step: int, seed: int, n_steps: int) -> Rollo
 
 def check_config(cfg) -> None:
     """What the type system cannot say about `cdmd.*`; raises CfError naming the key and the fix."""
-    from cf.train.student import check_context
-
     check_context(cfg)
     c = cfg.cdmd
     for key in ("stage1_steps", "stage2_steps", "short_chunks", "long_chunks_start", "long_chunks_end"):
@@ -134,6 +132,23 @@ def check_config(cfg) -> None:
         )
     if c.dmd_shift <= 0:
         raise CfError(f"cdmd.dmd_shift={c.dmd_shift} must be positive (1 = no shift)")
+
+
+def score_reading(cfg) -> tuple[MemoryPolicy, int]:
+    """How the teacher and the critic read the generated history: (policy, how far back it reaches).
+
+    `cdmd.teacher_history=policy`: the whole history through the run's memory policy (the paper).
+    `window`: only the last `teacher.context_frames` frames (whole chunks) before each chunk, a
+    sliding window of the length the teacher was trained with: a short, memoryless teacher, as in
+    LongLive and the released Context Forcing code (which feeds its teacher the last 21 latents).
+    """
+    chunk = cfg.model.frames_per_chunk
+    if cfg.cdmd.teacher_history == "policy":
+        return build_policy(cfg.memory, chunk), 10**9
+    reach = (cfg.teacher.context_frames // chunk) * chunk
+    mem = copy.deepcopy(cfg.memory)
+    mem.policy, mem.window_frames = "sliding", reach + chunk
+    return build_policy(mem, chunk), reach
 
 
 # ---------------------------------------------------------------------- the DMD math
@@ -240,7 +255,7 @@ class CDMDModule(pl.LightningModule):
         self.chunk = cfg.model.frames_per_chunk
         self.policy = build_policy(cfg.memory, self.chunk)  # the student's memory
         # how the teacher and the critic read the generated history (see the module doc)
-        self.score_policy = self.policy if cfg.cdmd.teacher_history == "policy" else teacher_policy(cfg)
+        self.score_policy, self.short_history = score_reading(cfg)
         self.sampler = build_sampler(cfg.diffusion, "student")
         has_cond = cfg.model.text_encoder != "none" or cfg.model.camera
         scale = cfg.cdmd.cfg_stage1 if stage == 1 else cfg.cdmd.cfg_stage2
@@ -285,8 +300,7 @@ class CDMDModule(pl.LightningModule):
             opt, params, name = critic_opt, list(self.critic.parameters()), "cdmd/critic_loss"
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # unclipped
         if self.cfg.trainer.grad_clip > 0:
             self.clip_gradients(
                 opt, gradient_clip_val=self.cfg.trainer.grad_clip, gradient_clip_algorithm="norm"
@@ -331,7 +345,7 @@ class CDMDModule(pl.LightningModule):
     def _window_inputs(self, batch: dict, video: Tensor, plan: RolloutPlan, step: int):
         """(first window frame, history start for teacher and critic, sigma [B], noise of the window)."""
         first = video.shape[1] - plan.window * self.chunk
-        start = 0 if self.cfg.cdmd.teacher_history == "policy" else first
+        start = max(0, first - self.short_history)  # frames before `start` are out of every read
         g = step_generator(self.cfg.seed, step, self.global_rank, stream=2)
         sigma = dmd_sigma(video.shape[0], self.cfg.cdmd, self.cfg.diffusion.num_timesteps, g, self.device)
         noise = torch.randn(video[:, first:].shape, generator=g, dtype=torch.float32).to(video)
