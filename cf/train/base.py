@@ -203,6 +203,23 @@ class EMA:
         self.num_updates = int(state["num_updates"])
 
 
+class EMACheckpoint:
+    """Mixin for a LightningModule whose `self.ema` (an `EMA`) travels in its checkpoints.
+
+    List it before LightningModule (`class M(EMACheckpoint, LightningModule)`): the averages are saved
+    under `ckpt["ema"]` and restored on resume, which `load_module_weights(..., ema_key="ema")` reads.
+    """
+
+    ema: EMA
+
+    def on_save_checkpoint(self, ckpt: dict) -> None:
+        ckpt["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, ckpt: dict) -> None:
+        if "ema" in ckpt:
+            self.ema.load_state_dict(ckpt["ema"])
+
+
 def step_generator(
     seed: int, step: int, rank: int | None = None, device: torch.device | str = "cpu", stream: int = 0
 ) -> torch.Generator:

@@ -40,7 +40,7 @@ from cf.errors import CfError
 from cf.memory import KVCache, MemoryPolicy, build_policy
 from cf.model import CausalVideoDiT, Cond
 from cf.rollout import prefill, read_for_query, rollout, write_clean
-from cf.train.base import EMA, build_optimizer, step_generator
+from cf.train.base import EMA, EMACheckpoint, build_optimizer, step_generator
 from cf.train.student import check_context
 
 STAGES = {1: "cdmd1", 2: "cdmd2"}
@@ -239,7 +239,7 @@ def score_window(
 # ---------------------------------------------------------------------- the module
 
 
-class CDMDModule(pl.LightningModule):
+class CDMDModule(EMACheckpoint, pl.LightningModule):
     """Generator `net`, critic `critic`, frozen `teacher`; manual optimisation (see the module doc)."""
 
     def __init__(self, cfg, stage: int):
@@ -275,13 +275,6 @@ class CDMDModule(pl.LightningModule):
         gen = build_optimizer(self.net.parameters(), self.cfg.trainer, lr=c.generator_lr, betas=c.betas)
         critic = build_optimizer(self.critic.parameters(), self.cfg.trainer, lr=c.critic_lr, betas=c.betas)
         return [gen, critic]
-
-    def on_save_checkpoint(self, ckpt: dict) -> None:
-        ckpt["ema"] = self.ema.state_dict()
-
-    def on_load_checkpoint(self, ckpt: dict) -> None:
-        if "ema" in ckpt:
-            self.ema.load_state_dict(ckpt["ema"])
 
     # ------------------------------------------------------------------ the step
     def plan(self, step: int) -> RolloutPlan:

@@ -22,7 +22,7 @@ from cf.errors import CfError
 from cf.memory import KVCache, build_policy
 from cf.model import CausalVideoDiT
 from cf.rollout import RolloutCallback, prefill, read_for_query, rollout, write_clean
-from cf.train.base import EMA, adamw_with_schedule, step_generator
+from cf.train.base import EMA, EMACheckpoint, adamw_with_schedule, step_generator
 from cf.train.conditions import ConditionStream
 from cf.train.teacher import teacher_policy
 
@@ -125,7 +125,7 @@ def sample_ode_pairs(
     return {k: torch.cat(v) for k, v in out.items()}, prompts
 
 
-class StudentModule(pl.LightningModule):
+class StudentModule(EMACheckpoint, pl.LightningModule):
     """The few-step student regressing the teacher's clean chunks from its ODE states."""
 
     def __init__(self, cfg):
@@ -159,13 +159,6 @@ class StudentModule(pl.LightningModule):
 
     def on_train_batch_end(self, *args) -> None:
         self.ema.update(self.net)
-
-    def on_save_checkpoint(self, ckpt: dict) -> None:
-        ckpt["ema"] = self.ema.state_dict()
-
-    def on_load_checkpoint(self, ckpt: dict) -> None:
-        if "ema" in ckpt:
-            self.ema.load_state_dict(ckpt["ema"])
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss, logs = self.loss(batch, self.global_step)

@@ -22,7 +22,7 @@ from cf.diffusion import add_noise, sample_sigma, target
 from cf.errors import CfError
 from cf.memory import build_policy
 from cf.model import CausalVideoDiT, Cond, block_causal_mask
-from cf.train.base import EMA, adamw_with_schedule, step_generator
+from cf.train.base import EMA, EMACheckpoint, adamw_with_schedule, step_generator
 from cf.train.erft import ResidualBank, draw_injection
 
 LOSS_BINS = 4  # per-noise-level losses logged as teacher/loss_sigma<k>
@@ -50,7 +50,7 @@ def history_mask(indices: Tensor, n_target: int, chunk: int) -> Tensor:
     return m
 
 
-class TeacherModule(pl.LightningModule):
+class TeacherModule(EMACheckpoint, pl.LightningModule):
     def __init__(self, cfg, erft: bool = False):
         super().__init__()
         self.cfg = cfg
@@ -80,13 +80,6 @@ class TeacherModule(pl.LightningModule):
 
     def on_train_batch_end(self, *args) -> None:
         self.ema.update(self.net)
-
-    def on_save_checkpoint(self, ckpt: dict) -> None:
-        ckpt["ema"] = self.ema.state_dict()
-
-    def on_load_checkpoint(self, ckpt: dict) -> None:
-        if "ema" in ckpt:
-            self.ema.load_state_dict(ckpt["ema"])
 
     # ------------------------------------------------------------------ the step
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
