@@ -24,7 +24,8 @@ from cf.config import load_config
 
 stage, out = sys.argv[1], sys.argv[2]
 cfg = load_config("smoke", overrides=["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-                                      "trainer.threads=1", "tracking.enabled=false", "trainer.max_minutes=null"])
+                                      "trainer.threads=1", "tracking.enabled=false",
+                                      "trainer.max_minutes=null"])
 
 
 class Record(Callback):
