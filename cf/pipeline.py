@@ -55,7 +55,9 @@ TRAINER_NOT_RESULT = ("log_every", "ckpt_every", "threads")
 STUDENT_DIFFUSION = ("student_timesteps", "student_shift")
 # cdmd.* keys only stage 2 reads (teacher_history is not one: stage 1's teacher and critic also
 # read the clean context frames through it).
-CDMD_STAGE2_ONLY = ("stage2_steps", "long_chunks_start", "long_chunks_end", "cfg_stage2", "stage2")
+CDMD_STAGE2_ONLY = (
+    "stage2_steps", "long_chunks_start", "long_chunks_end", "cfg_stage2", "stage2", "stage2_max_minutes",
+)
 # bench.* keys that choose entries for `cf bench consistency`, not what one entry measures.
 BENCH_GRID = ("methods", "policies")
 # The memory.* knobs each policy reads; other policies (slowfast, new ones) read them all.

@@ -11,9 +11,11 @@ from cf.config import load_config
 from cf.diffusion import (
     add_noise,
     build_sampler,
+    edm_coefficients,
     euler,
     few_step,
     guide,
+    loss_weight,
     sample_sigma,
     shift_sigma,
     student_sigmas,
@@ -115,3 +117,34 @@ def test_guidance_formula():
     assert guide(c, u, 3.0).tolist() == [3.0, 4.0]
     assert guide(c, u, 0.0).tolist() == [0.0, 1.0]
     assert math.isclose(float(guide(torch.tensor(2.0), torch.tensor(1.0), 5.0)), 6.0)
+
+
+def test_edm_preconditioning_is_the_optimal_linear_denoiser_of_gaussian_data():
+    """For data N(0, sd^2), E[x0 | x_t] = c_skip x_t exactly, and the network's target
+    F = (x0 - c_skip x_t) / c_out has unit variance at every noise level (EDM's two conditions)."""
+    sd = 0.5
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(200_000, generator=g, dtype=torch.float64) * sd
+    eps = torch.randn(200_000, generator=g, dtype=torch.float64)
+    for s in (0.05, 0.3, 0.7, 1.0):
+        sigma = torch.tensor(s, dtype=torch.float64)
+        c_in, c_skip, c_out = edm_coefficients(sigma, sd)
+        x_t = add_noise(x0, eps, sigma)
+        assert (c_in * x_t).std().item() == pytest.approx(1.0, abs=0.01)
+        a = 1 - s
+        assert c_skip.item() == pytest.approx(a * sd**2 / (a * a * sd**2 + s * s))  # posterior-mean slope
+        assert ((x0 - c_skip * x_t) / c_out).std().item() == pytest.approx(1.0, abs=0.01)
+    _, c_skip, c_out = edm_coefficients(torch.tensor(0.0), sd)
+    assert c_skip.item() == 1.0 and c_out.item() == 0.0  # clean input: the output is the input
+
+
+def test_loss_weights_per_parameterisation():
+    sigma = torch.tensor([0.1, 0.5, 1.0])
+    cfg = load_config("smoke").model
+    assert torch.equal(loss_weight(sigma, cfg), torch.ones(3))
+    cfg.prediction = "velocity"
+    assert torch.allclose(loss_weight(sigma, cfg), sigma.pow(-2))
+    cfg.prediction, cfg.precondition = "x0", "edm"
+    c_out = edm_coefficients(sigma, cfg.sigma_data)[2]
+    assert torch.allclose(loss_weight(sigma, cfg), c_out.pow(-2))
+    assert torch.isfinite(loss_weight(torch.zeros(1), cfg)).all()  # sigma 0 is floored, not infinite

@@ -212,3 +212,26 @@ def test_position_scale_sets_the_unit_of_spatial_positions(scale):
     rows = torch.arange(4, dtype=torch.float32).repeat_interleave(4)
     assert torch.allclose(x[0, 0], (12 + 8 * cols) / unit)
     assert torch.allclose(y[0, 0], (4 + 8 * rows) / unit)
+
+
+def test_edm_preconditioning_passes_clean_frames_through_and_corrects_noisy_ones(f64):
+    cfg, model = make("smoke", "model.precondition=edm")
+    x, sigma, cam = inputs(cfg)
+    cond = model.make_cond(None, camera=cam)
+    clean = model(x, torch.zeros_like(sigma), cond, time_pos=torch.arange(4)).pred
+    assert torch.equal(clean, x)  # c_skip = 1, c_out = 0 at sigma 0
+    noisy = model(x, sigma, cond, time_pos=torch.arange(4)).pred
+    _, plain = make("smoke")
+    raw = plain(x, sigma, cond, time_pos=torch.arange(4)).pred  # same seed: the same weights
+    from cf.diffusion import edm_coefficients
+
+    c_in, c_skip, c_out = (c[..., None, None, None] for c in edm_coefficients(sigma, cfg.model.sigma_data))
+    expect = c_skip * x + c_out * plain(x * c_in, sigma, cond, time_pos=torch.arange(4)).pred
+    assert torch.allclose(noisy, expect) and not torch.allclose(noisy, raw)
+
+
+def test_edm_needs_an_x0_output():
+    from cf.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.precondition=edm"):
+        load_config("smoke", overrides=["model.precondition=edm", "model.prediction=velocity"])

@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 from cf.config import load_config
 from cf.data import WorldDataset
 from cf.train.continuation import shift_last
-from cf.train.teacher import TeacherModule, history_mask
+from cf.train.teacher import TeacherModule, dense_frames, dense_layout, history_mask
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def _cfg(*overrides):
 def test_loss_and_its_gradient_ignore_history_predictions(batch):
     """The model's outputs at history positions do not enter the loss: their gradient is exactly 0."""
     torch.manual_seed(0)
-    module = TeacherModule(_cfg())
+    module = TeacherModule(_cfg("teacher.dense=false"))
     seen = {}
 
     def keep(mod, args, out):
@@ -61,7 +61,8 @@ def test_history_mask_is_block_causal_and_target_sees_all():
 
 
 def test_erft_bank_fills_and_survives_a_checkpoint(batch):
-    module = TeacherModule(_cfg("erft.bank_size=64"), erft=True)  # room for every residual: no replacement
+    # room for every residual: no replacement
+    module = TeacherModule(_cfg("erft.bank_size=64", "teacher.dense=false"), erft=True)
     for step in range(3):
         module.loss(batch, step)
     assert module.bank.filled() == 3 * batch["video"].shape[0] * module.n_target
@@ -131,3 +132,67 @@ def test_killed_teacher_resumes_to_identical_weights(tmp_path, erft):
     for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     assert all(torch.equal(a, resumed.ema.shadow[k]) for k, a in ref.ema.shadow.items())
+
+
+@pytest.mark.parametrize("context", [4, 16])
+def test_dense_forward_equals_a_cached_rollout_read(batch, context):
+    """One teacher-forcing forward over [clean ; noisy] gives every target chunk exactly what a cached
+    rollout gives it: its clean history written chunk by chunk through the policy (here the last
+    `context` frames: a sliding window), then one forward of the noisy chunk on the cache's read."""
+    from cf.memory import KVCache, build_policy
+    from cf.rollout import prefill, read_for_query
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        cfg = _cfg(f"teacher.context_frames={context}", "memory.bounded_positions=false")
+        torch.manual_seed(0)
+        module = TeacherModule(cfg)
+        net, chunk = module.net, module.chunk
+        video, camera = batch["video"].double(), batch["camera"].double()
+        n_clean, targets, mask = dense_layout(module.policy, video.shape[1], chunk, 1, context)
+        g = torch.Generator().manual_seed(1)
+        noisy = torch.randn(video.shape[0], len(targets) * chunk, *video.shape[2:], generator=g)
+        sig = torch.rand(video.shape[0], len(targets), generator=g).repeat_interleave(chunk, 1)
+        frames = dense_frames(n_clean, targets, chunk)
+        x = torch.cat([video[:, :n_clean], noisy], 1)
+        sigma = torch.cat([sig.new_zeros(sig.shape[0], n_clean), sig], 1)
+        dense = net(x, sigma, net.make_cond(batch["prompt"], camera=camera[:, frames]), time_pos=frames,
+                    frame_mask=mask).pred[:, n_clean:]
+        cfg.memory.policy, cfg.memory.window_frames = "sliding", context + chunk
+        cond = net.make_cond(batch["prompt"], camera=camera)
+        for i, j in enumerate(targets):
+            cache = KVCache(build_policy(cfg.memory, chunk))
+            prefill(net, cache, video[:, :j * chunk], cond)
+            read = read_for_query(net, cache)
+            own = slice(i * chunk, (i + 1) * chunk)
+            cached = net(noisy[:, own], sig[:, own], cond.frames(j * chunk, (j + 1) * chunk),
+                         time_pos=read.query_positions, read=read).pred
+            assert torch.allclose(dense[:, own], cached, atol=1e-9), f"chunk {j}"
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_dense_loss_reads_history_and_ignores_clean_predictions(batch):
+    torch.manual_seed(0)
+    module = TeacherModule(_cfg("teacher.dense=true"))
+    seen = {}
+
+    def keep(mod, args, out):
+        out.pred.retain_grad()
+        seen["pred"] = out.pred
+
+    module.net.register_forward_hook(keep)
+    loss, _ = module.loss(batch, step=0)
+    loss.backward()
+    n_clean, targets, _ = dense_layout(module.policy, batch["video"].shape[1], module.chunk, module.min_hist,
+                                       module.cfg.teacher.context_frames)
+    grad = seen["pred"].grad
+    assert grad.shape[1] == n_clean + len(targets) * module.chunk
+    assert torch.count_nonzero(grad[:, :n_clean]) == 0 and torch.count_nonzero(grad[:, n_clean:]) > 0
+
+
+def test_dense_refuses_a_policy_it_cannot_replay():
+    from cf.errors import CfError
+
+    with pytest.raises(CfError, match="teacher.dense"):
+        TeacherModule(_cfg("teacher.memory=slowfast", "teacher.dense=true"))

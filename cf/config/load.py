@@ -21,6 +21,7 @@ EXPERIMENTS = ROOT / "experiments"
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.texture": ("procedural", "photo", "mixed"),
     "model.prediction": ("x0", "velocity"),
+    "model.precondition": ("none", "edm"),
     "model.positions": ("world", "frame"),
     "model.text_encoder": ("learned", "minilm", "none"),
     "model.dtype": ("auto", "fp32", "bf16", "fp16", "fp64"),
@@ -165,6 +166,11 @@ def validate(cfg: DictConfig) -> None:
                 "data.batch_size"):
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be positive")
+    if m.precondition == "edm" and m.prediction != "x0":
+        raise ConfigError(f"model.precondition=edm preconditions an x0 output, but model.prediction="
+                          f"{m.prediction!r}; set model.prediction=x0 or model.precondition=none")
+    if m.sigma_data <= 0:
+        raise ConfigError(f"model.sigma_data={m.sigma_data} must be positive (the data's RMS, ~0.5)")
     if m.dim % m.heads:
         raise ConfigError(f"model.dim={m.dim} is not divisible by model.heads={m.heads}; "
                           "pick dim = k * heads")

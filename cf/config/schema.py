@@ -47,6 +47,13 @@ class ModelConfig:
     frames_per_chunk: int = 2  # latent frames generated per rollout chunk
     video_frames_per_latent: int = 1  # 4 for Wan's VAE; only used to report video FPS
     prediction: str = "x0"  # x0 | velocity
+    # edm: the x0 output is preconditioned as in EDM (Karras et al. 2022), rewritten for rectified flow:
+    # x0 = c_skip(s) * x_t + c_out(s) * net(c_in(s) * x_t) (x0 only); none: x0 = net(x_t). At tiny, edm
+    # leaves visible noise in the samples (continuation 13.4 dB vs 17.2 at 3k steps): near s = 0 the
+    # network must output the per-pixel noise, 192 values per patch through a 128-wide token, which
+    # it cannot; plain x0 only has to output the image, which compresses (DESIGN.md section 7)
+    precondition: str = "none"
+    sigma_data: float = 0.5  # RMS of the data (the world's frames: ~0.5 in [-1, 1])
     positions: str = "world"  # world (panorama coordinates from the camera) | frame
     # spatial positions (RoPE and the world embedding) count in units of patch_size / position_scale:
     # with patch 8, 8 = pixels, so a half-patch camera offset turns the fastest rotary pair by 4 rad
@@ -117,6 +124,12 @@ class TeacherConfig:
     target_chunks: int = 1  # target window, bidirectional inside
     cond_drop: float = 0.1  # classifier-free guidance dropout of text and camera
     memory: str = "full"  # policy the teacher reads its training history through (memory.* knobs apply)
+    # dense: every chunk of the clip is a target in one forward over [clean frames ; noisy frames],
+    # each noisy chunk reading the clean chunks before it (its history of up to context_frames, through
+    # the policy), exactly as a cached rollout would: 9 targets per clip at tiny for ~5x the compute of
+    # one. On this CPU steps, not targets, limit learning (550 dense steps: 12.8 dB vs 3,000 single: 18.0
+    # in the same ~10 min), so tiny keeps false: one target window after a random-length history
+    dense: bool = False
 
 
 @dataclass

@@ -3,6 +3,8 @@
 from cf.diffusion.samplers import Sampler, build_sampler, euler, few_step, guide, randn_like
 from cf.diffusion.schedule import (
     add_noise,
+    edm_coefficients,
+    loss_weight,
     sample_sigma,
     shift_sigma,
     student_sigmas,
@@ -12,6 +14,6 @@ from cf.diffusion.schedule import (
 )
 
 __all__ = [
-    "Sampler", "add_noise", "build_sampler", "euler", "few_step", "guide", "randn_like", "sample_sigma",
-    "shift_sigma", "student_sigmas", "target", "teacher_sigmas", "to_x0",
+    "Sampler", "add_noise", "build_sampler", "edm_coefficients", "euler", "few_step", "guide", "loss_weight",
+    "randn_like", "sample_sigma", "shift_sigma", "student_sigmas", "target", "teacher_sigmas", "to_x0",
 ]

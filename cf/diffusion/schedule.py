@@ -86,6 +86,31 @@ def sample_sigma(
     return shift_sigma(u, shift).clamp(lo, hi).to(device=device, dtype=torch.float32)
 
 
+def edm_coefficients(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(c_in, c_skip, c_out) of EDM preconditioning for ``x_t = (1 - s) x0 + s eps``.
+
+    With a = 1 - s and v = a^2 sd^2 + s^2 (the variance of x_t for data of RMS sd): c_in = 1/sqrt(v)
+    gives the network unit-variance input; x0 = c_skip x_t + c_out F with c_skip = a sd^2 / v and
+    c_out = s sd / sqrt(v) makes the network's target F unit-variance, with c_out as small as it can
+    be: at s = 0 the output is the input (c_skip 1, c_out 0), at s = 1 it is sd * F.
+    """
+    a = 1 - sigma
+    var = a * a * sigma_data**2 + sigma * sigma
+    return var.rsqrt(), a * sigma_data**2 / var, sigma * sigma_data * var.rsqrt()
+
+
+def loss_weight(sigma: Tensor, model_cfg) -> Tensor:
+    """Per-sample weight that turns an x0-space MSE into the loss of the network's own output:
+    1 for plain x0-prediction; 1 / c_out^2 for EDM preconditioning (the MSE of F, unit scale at every
+    noise level; sigma is floored at 1e-3 there); 1 / sigma^2 for velocity (v = (x_t - x0) / sigma)."""
+    _check(model_cfg.prediction)
+    if model_cfg.prediction == "velocity":
+        return sigma.pow(-2)
+    if model_cfg.precondition == "edm":
+        return edm_coefficients(sigma.clamp_min(1e-3), model_cfg.sigma_data)[2].pow(-2)
+    return torch.ones_like(sigma)
+
+
 def _check(prediction: str) -> None:
     if prediction not in PREDICTIONS:
         raise CfError(f"model.prediction={prediction!r} is not one of {', '.join(PREDICTIONS)}")

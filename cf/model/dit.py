@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from cf.diffusion.schedule import edm_coefficients
 from cf.errors import CfError
 from cf.model.block import Block
 from cf.model.cond import Cond
@@ -52,6 +53,8 @@ class CausalVideoDiT(nn.Module):
         self.dim, self.heads, self.head_dim = m.dim, m.heads, m.dim // m.heads
         self.prediction, self.positions = m.prediction, m.positions
         self.position_scale = float(m.position_scale)
+        self.edm = m.precondition == "edm"
+        self.sigma_data = float(m.sigma_data)
         patch_dim = m.channels * m.patch_size**2
 
         self.patch_embed = nn.Linear(patch_dim, m.dim)
@@ -154,7 +157,10 @@ class CausalVideoDiT(nn.Module):
                           f"{expected} (model.channels, data.height, data.width)")
         sigma = torch.as_tensor(sigma, device=x.device, dtype=angle_dtype(x.dtype))
         sigma = sigma.expand(b, f) if sigma.dim() == 0 else sigma.reshape(b, -1).expand(b, f)
-        tokens = self.patch_embed(patchify(x, self.patch))  # [B, F, N, D]
+        if self.edm:
+            c_in, c_skip, c_out = (c[..., None, None, None].to(x.dtype)
+                                   for c in edm_coefficients(sigma, self.sigma_data))
+        tokens = self.patch_embed(patchify(x * c_in if self.edm else x, self.patch))  # [B, F, N, D]
         ys, xs = self._spatial(cond.camera, f, x.dtype)
         if self.positions == "world":
             tokens = tokens + sinusoid_2d(ys, xs, self.dim).to(tokens.dtype)
@@ -184,6 +190,8 @@ class CausalVideoDiT(nn.Module):
         shift, scale = (self.head_modulation + e.unsqueeze(2)).unsqueeze(2).unbind(3)  # [B, F, 1, D] each
         out = self.head(self.head_norm(tokens) * (1 + scale) + shift)
         pred = unpatchify(out, self.patch, self.channels, self.height, self.width)
+        if self.edm:
+            pred = c_skip * x + c_out * pred
         mean_key = torch.cat([k.mean(dim=(2, 3)) for k, _ in kvs], dim=-1)
         return ModelOutput(pred=pred, kv=kvs, mean_key=mean_key)
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cf.diffusion import add_noise, build_sampler, guide, sample_sigma, to_x0
+from cf.diffusion import add_noise, build_sampler, guide, loss_weight, sample_sigma, to_x0
 from cf.errors import CfError
 from cf.memory import KVCache, MemoryPolicy, build_policy
 from cf.model import CausalVideoDiT, Cond
@@ -179,12 +179,6 @@ def dmd_sigma(n: int, cdmd_cfg, num_timesteps: int, generator: torch.Generator, 
         lo=c.t_min / num_timesteps,
         hi=c.t_max / num_timesteps,
     )
-
-
-def flow_matching_weight(sigma: Tensor, prediction: str) -> Tensor:
-    """Per-sample weight turning an x0-space MSE into the model's own flow-matching loss:
-    1 for x0-prediction; 1 / sigma^2 for velocity (v = (x_t - x0) / sigma)."""
-    return torch.ones_like(sigma) if prediction == "x0" else sigma.pow(-2)
 
 
 def score_window(
@@ -371,7 +365,7 @@ class CDMDModule(EMACheckpoint, pl.LightningModule):
             self.critic, self.score_policy, video, c_cond, start=start, first=first, sigma=sigma, noise=noise
         )
         per_sample = (x0.float() - video[:, first:].float()).pow(2).flatten(1).mean(1)
-        return (flow_matching_weight(sigma, self.cfg.model.prediction) * per_sample).mean(), {}
+        return (loss_weight(sigma, self.cfg.model) * per_sample).mean(), {}
 
     def ema_net(self) -> CausalVideoDiT:
         """A copy of the generator with the EMA weights (what evaluation and the next stage use)."""

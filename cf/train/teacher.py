@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from cf.diffusion import add_noise, sample_sigma, target
+from cf.diffusion import add_noise, loss_weight, sample_sigma, target
 from cf.errors import CfError
 from cf.memory import build_policy
 from cf.model import CausalVideoDiT, Cond, block_causal_mask
@@ -50,6 +50,55 @@ def history_mask(indices: Tensor, n_target: int, chunk: int) -> Tensor:
     return m
 
 
+def dense_layout(policy, n_frames: int, chunk: int, min_chunks: int, context_frames: int):
+    """The one-forward teacher-forcing layout of a clip of `n_frames`: [clean chunks 0..n-2 ; noisy
+    copies of the target chunks].
+
+    Chunk j's history is its last `context_frames` frames read through `policy` (what
+    `policy.plan` gives a chunk after them); its clean frames attend to that history and to their own
+    chunk (what the cache saw when they were written), its noisy copy to the same history and to
+    itself. Time positions are the frames' indices, which RoPE only sees as differences, so one
+    forward equals each chunk's own forward after its own history. Returns (number of clean frames,
+    target chunk indices, frame mask [K + T, K + T] bool).
+    """
+    n_chunks = n_frames // chunk
+    targets = list(range(max(min_chunks, 0), n_chunks))
+    if not targets:
+        raise CfError(f"a {n_frames}-frame clip has no target chunk after teacher.min_context_frames; "
+                      f"raise data.clip_frames")
+    n_clean = (n_chunks - 1) * chunk
+    reads = []
+    for j in range(n_chunks):
+        lo = max(0, j * chunk - context_frames)
+        n_hist = j * chunk - lo
+        plan = None if policy.needs_keys else policy.plan(n_hist, None, n_query=chunk)
+        query = torch.arange(n_hist, n_hist + chunk)
+        if plan is None or not (torch.equal(plan.positions, plan.indices)
+                                and torch.equal(plan.query_positions, query)):
+            raise CfError(f"teacher.dense needs a teacher memory whose time positions are frame indices and "
+                          f"that does not promote by key similarity; teacher.memory={policy.name!r} is not "
+                          f"one: set teacher.memory=full (or sliding/sink with "
+                          f"memory.bounded_positions=false), or teacher.dense=false")
+        reads.append(plan.indices + lo)
+    n = n_clean + len(targets) * chunk
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for j in range(n_chunks - 1):  # clean chunk j: its history and itself
+        rows = slice(j * chunk, (j + 1) * chunk)
+        mask[rows, reads[j]] = True
+        mask[rows, rows] = True
+    for i, j in enumerate(targets):  # noisy chunk j: the same history, then itself
+        rows = slice(n_clean + i * chunk, n_clean + (i + 1) * chunk)
+        mask[rows, reads[j]] = True
+        mask[rows, rows] = True
+    return n_clean, targets, mask
+
+
+def dense_frames(n_clean: int, targets: list[int], chunk: int) -> Tensor:
+    """The clip frame index of every position of the dense sequence: the clean frames, then each
+    target chunk's frames again (the noisy copies). Also their RoPE time positions."""
+    return torch.cat([torch.arange(n_clean)] + [torch.arange(j * chunk, (j + 1) * chunk) for j in targets])
+
+
 class TeacherModule(EMACheckpoint, pl.LightningModule):
     def __init__(self, cfg, erft: bool = False):
         super().__init__()
@@ -67,6 +116,9 @@ class TeacherModule(EMACheckpoint, pl.LightningModule):
         if self.min_hist > self.max_hist:
             raise CfError(f"teacher.min_context_frames={cfg.teacher.min_context_frames} exceeds the longest "
                           f"history that fits ({self.max_hist * self.chunk} frames)")
+        if cfg.teacher.dense:  # refuse a policy the one-forward layout cannot replay now, not at step 1
+            dense_layout(self.policy, cfg.data.clip_frames, self.chunk, self.min_hist,
+                         cfg.teacher.context_frames)
         self.erft = erft
         if erft:
             shape = (cfg.model.channels, cfg.data.height, cfg.data.width)
@@ -90,46 +142,65 @@ class TeacherModule(EMACheckpoint, pl.LightningModule):
         return loss
 
     def loss(self, batch: dict, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        """Flow-matching loss on the target window; returns (loss, extra logs)."""
+        """Flow-matching loss on the target frames; returns (loss, extra logs)."""
         cfg = self.cfg
-        video, camera = batch["video"], batch["camera"]  # [B, F, C, H, W], [B, F, 2]
-        b, f = video.shape[:2]
+        b = batch["video"].shape[0]
         g = step_generator(cfg.seed, step, self.global_rank, stream=1)
-        n_hist, start = self.draw_window(step, f)
-        hist = video[:, start:start + n_hist]
-        x0 = video[:, start + n_hist:start + n_hist + self.n_target]
-        cam = camera[:, start:start + n_hist + self.n_target]
-
         null = torch.rand(b, generator=g) < cfg.teacher.cond_drop
         cond = self.net.make_cond(batch["prompt"], camera=None, null=null.to(self.device))
-        plan = self.policy.plan(n_hist, self._mean_keys(hist, cam, cond), n_query=self.n_target)
-        idx = plan.indices.to(self.device)
+        build = self._dense_inputs if cfg.teacher.dense else self._window_inputs
+        x_clean, x0, cam, time_pos, mask, n_sigma = build(batch, step, cond)
 
-        sigma = sample_sigma((b,), cfg.diffusion.train_shift, generator=g, device=self.device)
-        sigma = sigma.to(video.dtype)[:, None].expand(b, self.n_target)
+        sigma = sample_sigma((b, n_sigma), cfg.diffusion.train_shift, generator=g, device=self.device)
+        sigma = sigma.to(x0.dtype).repeat_interleave(x0.shape[1] // n_sigma, dim=1)  # [B, T] per frame
         noise = torch.randn(x0.shape, generator=g).to(x0)
-        hist_in, x0_in, noise_in = hist[:, idx], x0, noise
+        x0_in, noise_in = x0, noise
         if self.erft:
-            hist_in, x0_in, noise_in = self._inject(hist_in, x0, noise, sigma, g)
+            x_clean, x0_in, noise_in = self._inject(x_clean, x0, noise, sigma, g)
         x_t = add_noise(x0_in, noise_in, sigma)
 
-        x = torch.cat([hist_in, x_t], dim=1)
-        sig = torch.cat([sigma.new_zeros(b, len(idx)), sigma], dim=1)
-        seq_cam = torch.cat([cam[:, idx], cam[:, n_hist:]], dim=1)
-        seq_cond = Cond(text=cond.text, text_mask=cond.text_mask, camera=seq_cam, null=cond.null)
-        time_pos = torch.cat([plan.positions, plan.query_positions]).to(self.device)
-        mask = history_mask(plan.indices, self.n_target, self.chunk).to(self.device)
-        pred = self.net(x, sig, seq_cond, time_pos=time_pos, frame_mask=mask).pred[:, len(idx):]
+        k = x_clean.shape[1]
+        x = torch.cat([x_clean, x_t], dim=1)
+        sig = torch.cat([sigma.new_zeros(b, k), sigma], dim=1)
+        seq_cond = Cond(text=cond.text, text_mask=cond.text_mask, camera=cam, null=cond.null)
+        pred = self.net(x, sig, seq_cond, time_pos=time_pos.to(self.device),
+                        frame_mask=mask.to(self.device)).pred[:, k:]
 
-        per_sample = (pred - target(x0, noise, cfg.model.prediction)).pow(2).flatten(1).mean(1)  # [B]
-        logs = self._bin_losses(per_sample.detach(), sigma[:, 0])
+        per_frame = (pred - target(x0, noise, cfg.model.prediction)).pow(2).flatten(2).mean(2)  # [B, T]
+        if cfg.model.precondition != "none":  # x0 MSE -> the MSE of the network's own output
+            per_frame = per_frame * loss_weight(sigma, cfg.model)
+        logs = self._bin_losses(per_frame.detach().flatten(), sigma.flatten())
         if self.erft:
             x0_pred = pred.detach() if cfg.model.prediction == "x0" else (x_t - sigma[..., None, None, None]
                                                                           * pred.detach())
             if step % cfg.erft.collect_every == 0:
                 self.bank.add((x0_pred - x0).flatten(0, 1), sigma.flatten())
             logs["teacher/bank_filled"] = torch.tensor(float(self.bank.filled()))
-        return per_sample.mean(), logs
+        return per_frame.mean(), logs
+
+    def _window_inputs(self, batch: dict, step: int, cond: Cond):
+        """One target window after a random-length history read through the policy: (clean frames
+        [B, K, ...], target x0 [B, T, ...], cameras of the sequence, time positions, frame mask, 1)."""
+        video, camera = batch["video"], batch["camera"]
+        n_hist, start = self.draw_window(step, video.shape[1])
+        hist = video[:, start:start + n_hist]
+        x0 = video[:, start + n_hist:start + n_hist + self.n_target]
+        cam = camera[:, start:start + n_hist + self.n_target]
+        plan = self.policy.plan(n_hist, self._mean_keys(hist, cam, cond), n_query=self.n_target)
+        idx = plan.indices.to(self.device)
+        seq_cam = torch.cat([cam[:, idx], cam[:, n_hist:]], dim=1)
+        time_pos = torch.cat([plan.positions, plan.query_positions])
+        return hist[:, idx], x0, seq_cam, time_pos, history_mask(plan.indices, self.n_target, self.chunk), 1
+
+    def _dense_inputs(self, batch: dict, step: int, cond: Cond):
+        """Teacher forcing: every chunk from the shortest history on is a target, read by its own noisy
+        copy; see `dense_layout`. Same return as `_window_inputs`, with one noise level per target chunk."""
+        video, camera = batch["video"], batch["camera"]
+        n_clean, targets, mask = dense_layout(self.policy, video.shape[1], self.chunk, self.min_hist,
+                                              self.cfg.teacher.context_frames)
+        frames = dense_frames(n_clean, targets, self.chunk)
+        x0 = video[:, frames[n_clean:]]
+        return video[:, :n_clean], x0, camera[:, frames], frames, mask, len(targets)
 
     def draw_window(self, step: int, clip_frames: int) -> tuple[int, int]:
         """(history length, first frame) of step `step`'s sample window: drawn from the generator
