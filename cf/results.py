@@ -136,7 +136,8 @@ def _teacher_table(df: pd.DataFrame) -> str | None:
 
 
 def _stage_table(df: pd.DataFrame, metric: str, untrained: str, spec: str, scale: float) -> str | None:
-    """One generator metric per stage (student, cdmd1, cdmd2) beside the untrained student's."""
+    """One generator metric per stage (student, cdmd1, cdmd2) beside the untrained student's (and, where
+    measured, the undistilled one's: the teacher's weights in the student's sampler)."""
     from cf.bench.tables import fmt, markdown, row_label
 
     cols = [s for s in GENERATOR_STAGES if f"{s}/{metric}" in df.columns]
@@ -144,6 +145,9 @@ def _stage_table(df: pd.DataFrame, metric: str, untrained: str, spec: str, scale
         return None
     out = {"model": [row_label(r) for _, r in df.iterrows()]}
     out["untrained"] = [fmt(r.get(f"student/{untrained}"), spec, scale) for _, r in df.iterrows()]
+    start = untrained.replace("untrained", "undistilled", 1)  # the teacher's weights in the student's sampler
+    if f"student/{start}" in df.columns:
+        out["undistilled"] = [fmt(r.get(f"student/{start}"), spec, scale) for _, r in df.iterrows()]
     for s in cols:
         out[s] = [fmt(r.get(f"{s}/{metric}"), spec, scale) for _, r in df.iterrows()]
     return markdown(pd.DataFrame(out))

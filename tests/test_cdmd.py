@@ -195,15 +195,20 @@ def test_each_recipe_trains_its_stages_at_smoke(tmp_path, teacher_ckpt, method):
     else:
         with pytest.raises(CfError, match="stage2=false"):
             train_cdmd(cfg, tmp_path, 2, teacher_ckpt, last)
+    undistilled = []
     for stage in stages:
         d = tmp_path / stage
         assert all(
             (d / f).is_file() for f in ("last.ckpt", GENERATOR_FILE, "eval.json", "samples.png", "sample.mp4")
         )
         ev = json.loads((d / "eval.json").read_text())
-        assert set(ev["summary"]) == {"distilled", "untrained", "world", "teacher"}
+        assert set(ev["summary"]) == {"distilled", "untrained", "undistilled", "world", "teacher"}
         assert ev["summary"]["world"]["revisit_psnr"] == 100.0  # the world revisits itself exactly
         assert set(ev["distilled_beats_untrained"]) == {"revisit_psnr", "first_frame_consistency"}
+        assert set(ev["distilled_beats_undistilled"]) == {"revisit_psnr", "first_frame_consistency"}
+        # the undistilled student is the teacher in the student's sampler: the same at every stage
+        undistilled.append(ev["summary"]["undistilled"])
+    assert all(u == undistilled[0] for u in undistilled)
     ckpt = load_checkpoint(last)
     assert ckpt["global_step"] == stage_steps(cfg.cdmd, 2 if cfg.cdmd.stage2 else 1)
     assert ckpt["ema"]["num_updates"] == (cfg.cdmd.stage2_steps if cfg.cdmd.stage2 else cfg.cdmd.stage1_steps)

@@ -8,8 +8,9 @@ logged to the stage's MLflow run.
 
 Evaluation: on `student.eval_videos` held-out worlds (seeds data.eval_seed + i), videos of
 `student.eval_seconds` (the first `student.context_frames` clean, then generated) from the
-generator, from the untrained student (random initialisation), from the teacher (its Euler
-sampler: what distillation aims at) and the world's own frames, scored by
+generator, from the untrained student (random initialisation), from the undistilled student (the
+teacher's weights in the student's few-step sampler: where distillation starts), from the teacher (its
+Euler sampler: what distillation aims at) and the world's own frames, scored by
 `cf.metrics.VideoScorer` (`student.eval_backbone`, pixels by default: weight-free): revisit PSNR
 (by lag), first-frame consistency, and the rest of the scorer's numbers. Caveat written into
 eval.json: a near-static video scores high on both, so read them next to the world's own scores
@@ -42,7 +43,7 @@ from cf.video import contact_sheet, write_video
 GENERATOR_FILE = "generator.safetensors"
 PAIRS_FILE = "ode_pairs.safetensors"
 LAG_BINS = ((2, 8), (9, 16), (17, 32), (33, 64), (65, None))  # revisit lags (frames) pooled for MLflow
-EVAL_ROWS = ("distilled", "untrained", "world", "teacher")
+EVAL_ROWS = ("distilled", "untrained", "undistilled", "world", "teacher")
 
 
 # ---------------------------------------------------------------------- weights
@@ -268,13 +269,14 @@ def evaluate_generator(
     n_chunks = max(1, -(-(round(s.eval_seconds * fps) - n_ctx) // chunk))
     total = n_ctx + n_chunks * chunk
     models = {"distilled": net, "untrained": untrained_student(cfg, device)}
-    sampler = {"distilled": "student", "untrained": "student", "teacher": "teacher"}
+    sampler = {"distilled": "student", "untrained": "student", "undistilled": "student", "teacher": "teacher"}
     if teacher is not None:
-        models["teacher"] = teacher
+        models["undistilled"] = models["teacher"] = teacher
     rows = [r for r in EVAL_ROWS if r in models or r == "world"]
     scorers = {m: VideoScorer(cfg, backbone=s.eval_backbone, lpips=None, device=device) for m in rows}
     has_cond = cfg.model.text_encoder != "none" or cfg.model.camera
-    guidance = {"distilled": 1.0, "untrained": 1.0, "teacher": float(s.guidance) if has_cond else 1.0}
+    guidance = {"distilled": 1.0, "untrained": 1.0, "undistilled": 1.0,
+                "teacher": float(s.guidance) if has_cond else 1.0}
     frames: dict[str, torch.Tensor] = {}
     seeds = [cfg.data.eval_seed + i for i in range(s.eval_videos)]
     it = seeds
@@ -301,6 +303,10 @@ def evaluate_generator(
         k: _gt(summary["distilled"][k], summary["untrained"][k])
         for k in ("revisit_psnr", "first_frame_consistency")
     }
+    beats_start = {
+        k: _gt(summary["distilled"][k], summary["undistilled"][k])
+        for k in ("revisit_psnr", "first_frame_consistency") if "undistilled" in summary
+    }
     return {
         "setup": {
             "worlds": seeds,
@@ -311,6 +317,7 @@ def evaluate_generator(
             "sampler": "student",
             "memory": cfg.memory.policy,
             "untrained": f"random initialisation (seed {cfg.seed})",
+            "undistilled": "the teacher's weights in the student's sampler and memory policy",
             "note": "every video starts with the same clean context frames (revisit pairs end after "
             "them); a near-static or low-contrast video scores high on revisit PSNR and first-frame "
             "consistency: read them next to the world's own scores and pixel_std",
@@ -318,6 +325,7 @@ def evaluate_generator(
         "scores": scores,
         "summary": summary,
         "distilled_beats_untrained": beats,
+        "distilled_beats_undistilled": beats_start,
         "frames": frames,
     }
 
