@@ -32,6 +32,7 @@ UNGROUPED = "pipelines"  # the table name of pipelines run outside an ablation g
 # The teacher's continuation PSNR (dB) on held-out clips, by region (cf.train.continuation).
 TEACHER_PSNR = (
     ("psnr_long_all", "long, all"),
+    ("psnr_long_mean_all", "long mean, all"),  # expected continuation (x0 at sigma 1)
     ("psnr_long_memory", "long, seen before"),
     ("psnr_short_memory", "short, seen before"),
     ("psnr_shift_last_all", "shift-last, all"),

@@ -196,3 +196,32 @@ def test_dense_refuses_a_policy_it_cannot_replay():
 
     with pytest.raises(CfError, match="teacher.dense"):
         TeacherModule(_cfg("teacher.memory=slowfast", "teacher.dense=true"))
+
+
+def test_mean_continuation_is_the_x0_prediction_from_pure_noise(batch):
+    """`mean=True` continues with the teacher's x0 prediction at sigma 1 on its history read: one forward
+    of the noise the sampler would start from (the expected continuation PSNR is scored on)."""
+    from cf.diffusion import randn_like
+    from cf.memory import KVCache
+    from cf.rollout import prefill, read_for_query
+    from cf.train.continuation import _policy, continue_clips
+
+    cfg = _cfg()
+    torch.manual_seed(0)
+    net = TeacherModule(cfg).net.eval()
+    video, camera, chunk = batch["video"], batch["camera"], cfg.model.frames_per_chunk
+    n_ctx = 4
+    with torch.no_grad():
+        got = continue_clips(net, cfg, video, camera, batch["prompt"], n_ctx, 1, _policy(cfg, "full"),
+                             seed=3, mean=True)
+        cond = net.make_cond(batch["prompt"], camera=camera[:, :n_ctx + chunk])
+        cache = KVCache(_policy(cfg, "full"))
+        prefill(net, cache, video[:, :n_ctx], cond)
+        read = read_for_query(net, cache)
+        noise = randn_like(video[:, :chunk], torch.Generator().manual_seed(3))
+        want = net(noise, torch.ones(video.shape[0], chunk), cond.frames(n_ctx, n_ctx + chunk),
+                   time_pos=read.query_positions, read=read).pred
+        sample = continue_clips(net, cfg, video, camera, batch["prompt"], n_ctx, 1, _policy(cfg, "full"),
+                                seed=3)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(sample, want, atol=1e-3)  # the sampler's own steps differ from one x0

@@ -3,7 +3,11 @@
 Each held-out clip is cut into a context of `teacher.context_frames` frames and the next target
 chunk(s). Predictions: the teacher with the long context (`full` policy), the teacher with a
 short context (the last `short_frames` frames, `sliding` policy), and two baselines that need no
-model: copy the last frame, and shift the last frame by the known camera offset.
+model: copy the last frame, and shift the last frame by the known camera offset. Each teacher row
+comes twice: `long`/`short` are samples (the Euler sampler, `diffusion.teacher_steps`), and
+`long_mean`/`short_mean` the teacher's expected continuation: its x0 prediction from pure noise
+(sigma 1), the posterior mean, which is what PSNR rewards. A sample of a model that is unsure pays
+for its diversity (up to 3 dB against the mean where it is unsure); the baselines are deterministic.
 
 PSNR is pooled over pixels in regions defined by the world's ground truth `age` (how many frames
 ago a background pixel was last visible): `recent` (seen inside the short window), `memory` (seen
@@ -19,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from cf.diffusion import build_sampler
+from cf.diffusion import build_sampler, euler
 from cf.memory import KVCache, build_policy
 from cf.model import CausalVideoDiT
 from cf.rollout import rollout
@@ -55,11 +59,12 @@ def _policy(cfg, name: str, window: int | None = None):
 
 @torch.no_grad()
 def continue_clips(net: CausalVideoDiT, cfg, video: Tensor, camera: Tensor, prompts: list[str],
-                   n_ctx: int, n_chunks: int, policy, seed: int = 0) -> Tensor:
-    """The teacher's continuation of `video[:, :n_ctx]` by `n_chunks` chunks -> [B, n_chunks * C, ...]."""
+                   n_ctx: int, n_chunks: int, policy, seed: int = 0, mean: bool = False) -> Tensor:
+    """The teacher's continuation of `video[:, :n_ctx]` by `n_chunks` chunks -> [B, n_chunks * C, ...]:
+    a sample (its Euler sampler), or with `mean` its x0 prediction at sigma 1 (the expected continuation)."""
     gen = torch.Generator().manual_seed(seed)
     cond = net.make_cond(prompts, camera=camera[:, :n_ctx + n_chunks * cfg.model.frames_per_chunk])
-    sampler = build_sampler(cfg.diffusion, "teacher")
+    sampler = euler(1, 1.0) if mean else build_sampler(cfg.diffusion, "teacher")
     return rollout(net, KVCache(policy), sampler, cond, n_chunks, context=video[:, :n_ctx], generator=gen,
                    guidance=cfg.diffusion.cfg_scale).video
 
@@ -78,7 +83,8 @@ def _psnr(se_sum: float, n: int) -> float | None:
 def evaluate(net: CausalVideoDiT, cfg, batches, short_frames: int = 4) -> dict:
     """Score long vs short context and the baselines on held-out batches (dicts from the world).
 
-    Returns {method: {"all", "recent", "memory", "never": PSNR dB, "by_age": {bin: PSNR}}} plus
+    Returns {method: {"all", "recent", "memory", "never", "age<lo>-<hi>": PSNR dB}} for methods long,
+    short, long_mean, short_mean, shift_last, copy_last, plus
     the pixel counts per region, and one example (`frames`) for a contact sheet.
     """
     chunk = cfg.model.frames_per_chunk
@@ -106,8 +112,9 @@ def evaluate(net: CausalVideoDiT, cfg, batches, short_frames: int = 4) -> dict:
         for lo, hi in AGE_BINS:
             regions[f"age{lo}-{hi if hi < 10**9 else 'inf'}"] = (age >= lo) & (age <= hi)
         preds = {
-            name: continue_clips(net, cfg, video, camera, batch["prompt"], n_ctx, n_chunks, pol, seed=bi)
-            for name, pol in policies.items()
+            name + ("_mean" if mean else ""): continue_clips(net, cfg, video, camera, batch["prompt"], n_ctx,
+                                                             n_chunks, pol, seed=bi, mean=mean)
+            for mean in (False, True) for name, pol in policies.items()
         }
         preds["shift_last"] = shift_last(video[:, n_ctx - 1], camera[:, n_ctx - 1],
                                          camera[:, n_ctx:n_ctx + n_tgt])

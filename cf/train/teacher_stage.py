@@ -24,6 +24,7 @@ from cf.utils import atomic_write_json, seed_everything
 from cf.video import contact_sheet, write_video
 
 STAGES = {"teacher": False, "teacher_erft": True}
+TEACHER_ROWS = ("long", "long_mean", "short", "short_mean", "shift_last", "copy_last")
 
 
 def train_teacher(cfg, out_dir: str | Path, stage: str = "teacher", evaluate_after: bool = True,
@@ -70,11 +71,11 @@ def report(module: TeacherModule, cfg, stage_dir: Path, step: int) -> dict:
     with torch.no_grad():
         res = evaluate(net, cfg, eval_batches(cfg, cfg.data.eval_clips))
     frames = res.pop("frames")
-    metrics = {f"teacher/psnr_{m}_{r}": v for m in ("long", "short", "shift_last", "copy_last")
+    metrics = {f"teacher/psnr_{m}_{r}": v for m in TEACHER_ROWS
                for r, v in res[m].items() if v is not None}
     tracking.log_metrics(metrics, step=step)
     atomic_write_json(stage_dir / "eval.json", {"step": step, **res})
-    order = ["context", "truth", "long", "short", "shift_last", "copy_last"]
+    order = ["context", "truth", *TEACHER_ROWS]
     sheet = contact_sheet(stage_dir / "continuation.png", [frames[k] for k in order], row_labels=order,
                           title=f"teacher continuation at step {step} (context: last 4 of "
                                 f"{cfg.teacher.context_frames} frames)")
