@@ -20,22 +20,35 @@ def _cfg(*overrides):
     return load_config("smoke", overrides=["teacher.min_context_frames=2", *overrides])
 
 
-def test_loss_and_its_gradient_ignore_history_predictions(batch):
-    """The model's outputs at history positions do not enter the loss: their gradient is exactly 0."""
-    torch.manual_seed(0)
-    module = TeacherModule(_cfg("teacher.dense=false"))
+def _loss_grad_of_predictions(module, batch):
+    """The teacher loss's gradient with respect to every frame of the network's output."""
     seen = {}
 
     def keep(mod, args, out):
         out.pred.retain_grad()
-        seen["pred"], seen["frames"] = out.pred, args[0].shape[1]
+        seen["pred"] = out.pred
 
     module.net.register_forward_hook(keep)
     loss, _ = module.loss(batch, step=0)
     loss.backward()
-    n_target = module.n_target
-    grad = seen["pred"].grad
-    assert seen["frames"] > n_target  # there was history in this sample
+    return seen["pred"].grad
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_loss_and_its_gradient_ignore_history_predictions(batch, dense):
+    """The model's outputs at history (clean) positions do not enter the loss: their gradient is exactly 0;
+    the target (noisy) positions get one. Window: [history ; target]; dense: [clean ; noisy copies]."""
+    torch.manual_seed(0)
+    module = TeacherModule(_cfg(f"teacher.dense={str(dense).lower()}"))
+    grad = _loss_grad_of_predictions(module, batch)
+    if dense:
+        n_clean, targets, _ = dense_layout(module.policy, batch["video"].shape[1], module.chunk,
+                                           module.min_hist, module.cfg.teacher.context_frames)
+        n_target = len(targets) * module.chunk
+        assert grad.shape[1] == n_clean + n_target
+    else:
+        n_target = module.n_target
+    assert grad.shape[1] > n_target  # there was history in this sample
     assert torch.count_nonzero(grad[:, :-n_target]) == 0
     assert torch.count_nonzero(grad[:, -n_target:]) > 0
 
@@ -170,25 +183,6 @@ def test_dense_forward_equals_a_cached_rollout_read(batch, context):
             assert torch.allclose(dense[:, own], cached, atol=1e-9), f"chunk {j}"
     finally:
         torch.set_default_dtype(torch.float32)
-
-
-def test_dense_loss_reads_history_and_ignores_clean_predictions(batch):
-    torch.manual_seed(0)
-    module = TeacherModule(_cfg("teacher.dense=true"))
-    seen = {}
-
-    def keep(mod, args, out):
-        out.pred.retain_grad()
-        seen["pred"] = out.pred
-
-    module.net.register_forward_hook(keep)
-    loss, _ = module.loss(batch, step=0)
-    loss.backward()
-    n_clean, targets, _ = dense_layout(module.policy, batch["video"].shape[1], module.chunk, module.min_hist,
-                                       module.cfg.teacher.context_frames)
-    grad = seen["pred"].grad
-    assert grad.shape[1] == n_clean + len(targets) * module.chunk
-    assert torch.count_nonzero(grad[:, :n_clean]) == 0 and torch.count_nonzero(grad[:, n_clean:]) > 0
 
 
 def test_dense_refuses_a_policy_it_cannot_replay():

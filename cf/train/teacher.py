@@ -116,9 +116,10 @@ class TeacherModule(EMACheckpoint, pl.LightningModule):
         if self.min_hist > self.max_hist:
             raise CfError(f"teacher.min_context_frames={cfg.teacher.min_context_frames} exceeds the longest "
                           f"history that fits ({self.max_hist * self.chunk} frames)")
-        if cfg.teacher.dense:  # refuse a policy the one-forward layout cannot replay now, not at step 1
-            dense_layout(self.policy, cfg.data.clip_frames, self.chunk, self.min_hist,
-                         cfg.teacher.context_frames)
+        # the dense layout depends only on the clip length: built once (which also refuses a policy the
+        # one-forward layout cannot replay now, not at step 1)
+        self.dense = (dense_layout(self.policy, cfg.data.clip_frames, self.chunk, self.min_hist,
+                                   cfg.teacher.context_frames) if cfg.teacher.dense else None)
         self.erft = erft
         if erft:
             shape = (cfg.model.channels, cfg.data.height, cfg.data.width)
@@ -196,8 +197,10 @@ class TeacherModule(EMACheckpoint, pl.LightningModule):
         """Teacher forcing: every chunk from the shortest history on is a target, read by its own noisy
         copy; see `dense_layout`. Same return as `_window_inputs`, with one noise level per target chunk."""
         video, camera = batch["video"], batch["camera"]
-        n_clean, targets, mask = dense_layout(self.policy, video.shape[1], self.chunk, self.min_hist,
-                                              self.cfg.teacher.context_frames)
+        if video.shape[1] != self.cfg.data.clip_frames:
+            raise CfError(f"the batch has {video.shape[1]}-frame clips; the dense teacher was laid out for "
+                          f"data.clip_frames={self.cfg.data.clip_frames}")
+        n_clean, targets, mask = self.dense
         frames = dense_frames(n_clean, targets, self.chunk)
         x0 = video[:, frames[n_clean:]]
         return video[:, :n_clean], x0, camera[:, frames], frames, mask, len(targets)
