@@ -206,6 +206,15 @@ def test_each_recipe_trains_its_stages_at_smoke(tmp_path, teacher_ckpt, method):
         assert ev["summary"]["world"]["revisit_psnr"] == 100.0  # the world revisits itself exactly
         assert set(ev["distilled_beats_untrained"]) == {"revisit_psnr", "first_frame_consistency"}
         assert set(ev["distilled_beats_undistilled"]) == {"revisit_psnr", "first_frame_consistency"}
+        promoted = ev["setup"]["slow_memory_promoted"]
+        if cfg.memory.policy == "slowfast":  # the record of what each model's slow memory promoted, per world
+            assert set(promoted) == {"distilled", "untrained", "undistilled", "teacher"}
+            chunk, after = cfg.model.frames_per_chunk, max(cfg.memory.promote_after, cfg.memory.sink_frames)
+            for runs in promoted.values():
+                assert len(runs) == cfg.student.eval_videos
+                assert all(r and all(f % chunk == 0 and f >= after for f in r) for r in runs)
+        else:
+            assert promoted is None
         # the undistilled student is the teacher in the student's sampler: the same at every stage
         undistilled.append(ev["summary"]["undistilled"])
     assert all(u == undistilled[0] for u in undistilled)

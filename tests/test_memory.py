@@ -132,6 +132,7 @@ def test_uniform_promotes_on_schedule_and_evicts_oldest():
     drive_more(cache, 14, 30)
     # then 12, 16, 20, 24 (frame 28 is still in the fast window); capacity 3 evicts the oldest
     assert cache.state.slow == [16, 20, 24]
+    assert cache.state.promoted == [4, 8, 12, 16, 20, 24]  # the evicted ones stay on the record
     assert held(cache) == {0: 0, 16: 1, 20: 2, 24: 3, 28: 4, 29: 5}
 
 
@@ -153,11 +154,11 @@ def test_similarity_promotes_dissimilar_and_skips_similar():
     drive(cache, 12, keys)
     # 0: first -> promoted; 2: cos ~1 to 0 -> skipped; 4: orthogonal -> promoted; 6: same as 4 -> skipped;
     # 8: orthogonal to 4 -> promoted; 10: cos 0.71 to 8 -> promoted (window 2 = the chunk: nothing stays)
-    assert cache.state.slow == [0, 4, 8, 10]
+    assert cache.state.slow == [0, 4, 8, 10] == cache.state.promoted
     cfg.tau = -1.0  # nothing is ever dissimilar enough; only the first candidate gets in
     cache = KVCache(build_policy(cfg, C))
     drive(cache, 12, keys)
-    assert cache.state.slow == [0]
+    assert cache.state.slow == [0] == cache.state.promoted
 
 
 def test_similarity_needs_mean_keys():

@@ -111,5 +111,7 @@ def generate(cfg, model, n_chunks: int, *, sampler: str = "student", guidance: f
         "context_frames": context, "preset": cfg.preset, "method": cfg.method, "policy": cfg.memory.policy,
         "sampler": sampler, "guidance": guidance, "seed": cfg.seed, "config_hash": config_hash(cfg),
         "git_sha": git_sha(),
+        # frames the slow memory promoted (slowfast; None for policies without one): is it doing anything?
+        "promoted": list(cache.state.promoted) if cache.policy.slow else None,
     }
     return frames[0].float().cpu(), meta

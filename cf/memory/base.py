@@ -44,6 +44,7 @@ class MemoryState:
     fast: deque = field(default_factory=deque)
     candidate_keys: dict[int, Tensor] = field(default_factory=dict)  # mean keys [B, Dk] of fast candidates
     last_key: Tensor | None = None  # mean key of the last promoted frame [B, Dk]
+    promoted: list[int] = field(default_factory=list)  # every promoted frame, in order (evicted too)
 
 
 class MemoryPolicy:
@@ -139,6 +140,7 @@ class MemoryPolicy:
         if not (self._is_candidate(f) and self._promote(state, key)):
             return [f]
         state.slow.append(f)
+        state.promoted.append(f)
         if self.needs_keys:
             state.last_key = key
         return [state.slow.pop(0)] if len(state.slow) > self.slow else []

@@ -278,6 +278,7 @@ def evaluate_generator(
     guidance = {"distilled": 1.0, "untrained": 1.0, "undistilled": 1.0,
                 "teacher": float(s.guidance) if has_cond else 1.0}
     frames: dict[str, torch.Tensor] = {}
+    promoted: dict[str, list[list[int]]] = {}  # model -> per world, the frames its slow memory promoted
     seeds = [cfg.data.eval_seed + i for i in range(s.eval_videos)]
     it = seeds
     if progress:
@@ -287,18 +288,21 @@ def evaluate_generator(
     for seed in it:
         clip = World(cfg.data, seed).render(total)
         pairs = revisits_after(clip, n_ctx)
-        videos = {
-            m: generate(
+        videos = {}
+        for m, model in models.items():
+            videos[m], meta = generate(
                 cfg, model, n_chunks, sampler=sampler[m], guidance=guidance[m], context=n_ctx, world_seed=seed
-            )[0]
-            for m, model in models.items()
-        }
+            )
+            if meta["promoted"] is not None:
+                promoted.setdefault(m, []).append(meta["promoted"])
         videos["world"] = clip.video
         for m, video in videos.items():
             scorers[m].score(video, fps, *pairs)
             frames.setdefault(m, video)
     scores = {m: sc.aggregate() for m, sc in scorers.items()}
     summary = {m: headline(scores[m], frames[m]) for m in rows}
+    for m, runs in promoted.items():
+        summary[m]["slow_promotions"] = sum(map(len, runs)) / len(runs)
     beats = {
         k: _gt(summary["distilled"][k], summary["untrained"][k])
         for k in ("revisit_psnr", "first_frame_consistency")
@@ -318,6 +322,7 @@ def evaluate_generator(
             "memory": cfg.memory.policy,
             "untrained": f"random initialisation (seed {cfg.seed})",
             "undistilled": "the teacher's weights in the student's sampler and memory policy",
+            "slow_memory_promoted": promoted or None,
             "note": "every video starts with the same clean context frames (revisit pairs end after "
             "them); a near-static or low-contrast video scores high on revisit PSNR and first-frame "
             "consistency: read them next to the world's own scores and pixel_std",
