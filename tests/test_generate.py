@@ -31,11 +31,15 @@ def _check_video(stem, frames, fps, context=0):
     return meta
 
 
-def test_generate_writes_a_playable_video(tmp_path):
+def test_generate_writes_a_playable_video(tmp_path, capsys):
     stem = _generate(tmp_path, 4)
     meta = _check_video(stem, 32, 8)
     xs = [c[0] for c in meta["camera"]]
     assert all(abs(b - a) <= 2 for a, b in zip(xs, xs[1:])) and len(set(xs)) > 8  # the world's pan
+    # the slow memory's record: chunk-first frames past promote_after (smoke: 2), reported on stdout too
+    promoted = meta["promoted"]
+    assert promoted and all(f % 2 == 0 and f >= 2 for f in promoted) and promoted == sorted(set(promoted))
+    assert f"slow memory: {len(promoted)} frames promoted" in capsys.readouterr().out
 
 
 def test_generate_continues_from_world_context(tmp_path):

@@ -64,6 +64,9 @@ def run(args, cfg) -> int:
     lat = sorted(timer.latencies)[len(timer.latencies) // 2]
     print(f"wrote {stem}.mp4/.gif/.json: {video.shape[0]} frames ({seconds:g} s at {cfg.data.fps} fps), "
           f"{cfg.memory.policy} memory, {lat * 1e3:.1f} ms per {chunk}-frame chunk (median)")
+    if meta["promoted"] is not None:  # a slow memory that never promotes is a sink + window in disguise
+        print(f"slow memory: {len(meta['promoted'])} frames promoted (memory.tau={cfg.memory.tau:g}, "
+              f"memory.promotion={cfg.memory.promotion}), {cfg.memory.slow_frames} held at most")
     return 0
 
 
