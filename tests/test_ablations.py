@@ -33,6 +33,7 @@ def test_the_shipped_grids_cover_the_issue_axes():
         "methods",
         "promotion",
         "stage2",
+        "tau",
         "teacher_context",
     ]
 
