@@ -44,6 +44,7 @@ GENERATOR_FILE = "generator.safetensors"
 PAIRS_FILE = "ode_pairs.safetensors"
 LAG_BINS = ((2, 8), (9, 16), (17, 32), (33, 64), (65, None))  # revisit lags (frames) pooled for MLflow
 EVAL_ROWS = ("distilled", "untrained", "undistilled", "world", "teacher")
+CRITERIA = ("revisit_psnr", "first_frame_consistency")  # what the distilled student must improve on
 
 
 # ---------------------------------------------------------------------- weights
@@ -304,12 +305,8 @@ def evaluate_generator(
     for m, runs in promoted.items():
         summary[m]["slow_promotions"] = sum(map(len, runs)) / len(runs)
     beats = {
-        k: _gt(summary["distilled"][k], summary["untrained"][k])
-        for k in ("revisit_psnr", "first_frame_consistency")
-    }
-    beats_start = {
-        k: _gt(summary["distilled"][k], summary["undistilled"][k])
-        for k in ("revisit_psnr", "first_frame_consistency") if "undistilled" in summary
+        ref: {k: _gt(summary["distilled"][k], summary[ref][k]) for k in CRITERIA}
+        for ref in ("untrained", "undistilled") if ref in summary
     }
     return {
         "setup": {
@@ -329,8 +326,8 @@ def evaluate_generator(
         },
         "scores": scores,
         "summary": summary,
-        "distilled_beats_untrained": beats,
-        "distilled_beats_undistilled": beats_start,
+        "distilled_beats_untrained": beats["untrained"],
+        "distilled_beats_undistilled": beats.get("undistilled", {}),
         "frames": frames,
     }
 
@@ -405,7 +402,7 @@ def finish(
     metrics = {
         f"{prefix}/{m}_{k}": v for m, row in res["summary"].items() for k, v in row.items() if v is not None
     }
-    for k in ("revisit_psnr", "first_frame_consistency"):
+    for k in CRITERIA:
         a, b = res["summary"]["distilled"][k], res["summary"]["untrained"][k]
         if a is not None and b is not None:
             metrics[f"{prefix}/{k}_gain"] = a - b
