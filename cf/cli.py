@@ -1,6 +1,11 @@
 """The `cf` command. Every subcommand takes options the same way:
 
     cf <command> [--preset NAME] [--method NAME] [--memory NAME] [--out DIR] [--seed N] [key=value ...]
+
+What the user asked for or handed us that cannot be used (a bad config value, a damaged checkpoint,
+a folder that cannot be written, a full disk, a store that cannot be opened) ends with one line,
+`cf: error: ...`, and exit code 2; `cf --debug <command>` (or CF_DEBUG=1) also prints the traceback.
+Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cf", description="Context Forcing experiment suite")
+    parser.add_argument("--debug", action="store_true", help="print the traceback behind an error message")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     for mod in _command_modules():
@@ -61,22 +67,45 @@ def config_from_args(args: argparse.Namespace):
     return load_config(args.preset, args.method, overrides, out=args.out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def user_error(e: BaseException) -> str | None:
+    """The one-line message for an error that is the user's to fix (None: a bug, keep the traceback)."""
     from cf.config import ConfigError
     from cf.errors import CfError
+    from cf.faults import disk_full_message, is_disk_full, one_line
     from cf.registry import UnknownNameError
+
+    if is_disk_full(e):
+        return disk_full_message(e)
+    if isinstance(e, (ConfigError, UnknownNameError, CfError)):
+        return one_line(str(e))
+    if isinstance(e, OSError) and e.filename is not None:  # a path we were given or write to
+        return f"cannot use {str(e.filename)!r}: {e.strerror or e}; check the path and its permissions"
+    if type(e).__module__.startswith("mlflow"):
+        return f"the MLflow store answered: {one_line(str(e))}; check MLFLOW_TRACKING_URI or tracking.uri"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+    import traceback
 
     args = build_parser().parse_args(argv)
     mod = args._module
+    debug = args.debug or os.environ.get("CF_DEBUG", "") not in ("", "0")
     try:
         cfg = config_from_args(args) if getattr(mod, "CONFIG", True) else None
         rc = mod.run(args, cfg)
-    except (ConfigError, UnknownNameError, CfError) as e:
-        print(f"cf: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("cf: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        message = user_error(e)
+        if message is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"cf: error: {message}", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 

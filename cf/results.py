@@ -13,6 +13,7 @@ benchmark's `bench/<column>` metrics map one to one onto the row contract of `cf
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -40,12 +41,10 @@ TEACHER_PSNR = (
 
 
 def _client(cfg: DictConfig):
-    from mlflow.tracking import MlflowClient
-
-    from cf import tracking
+    from cf import store, tracking
 
     tracking._quiet()
-    return MlflowClient(tracking.tracking_uri(cfg))
+    return store.client(tracking.tracking_uri(cfg))
 
 
 def pipeline_runs(cfg: DictConfig, status: str | None = "FINISHED") -> pd.DataFrame:
@@ -186,6 +185,8 @@ def render(name: str, rows: pd.DataFrame, description: str = "") -> str:
     sections = (
         ("Consistency to the first frame over time (x100; Table 1 layout)", lambda: tables.table1(rows)),
         ("Summary (Table 2 layout)", lambda: tables.table2(rows)),
+        ("Revisit retention by lag (1 = reproduces what it showed, 0 = chance)",
+         lambda: tables.revisit_table(rows, "retention")),
         ("Revisit PSNR (dB) by lag", lambda: tables.revisit_table(rows, "psnr")),
         ("Teacher continuation PSNR (dB) on held-out clips", lambda: _teacher_table(rows)),
         (
@@ -303,9 +304,9 @@ def first_frame_curves(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out, columns=["preset", "ablation", "label", "backbone", "t", "value"])
 
 
-def revisit_curves(rows: pd.DataFrame, what: str = "psnr") -> pd.DataFrame:
-    """Long form of revisit error by lag: preset, ablation, label, lag (frames), value."""
-    from cf.bench.tables import REVISIT_LAG
+def revisit_curves(rows: pd.DataFrame, what: str = "retention") -> pd.DataFrame:
+    """Long form of a revisit measure by lag bin: preset, ablation, label, lo_s, hi_s, value."""
+    from cf.metrics.columns import REVISIT_LAG
 
     out = []
     for c in rows.columns:
@@ -317,11 +318,12 @@ def revisit_curves(rows: pd.DataFrame, what: str = "psnr") -> pd.DataFrame:
                         "preset": r["preset"],
                         "ablation": r["ablation"] or UNGROUPED,
                         "label": r["label"],
-                        "lag": int(m["lag"]),
+                        "lo_s": float(m["lo"]),
+                        "hi_s": float(m["hi"]),
                         "value": float(r[c]),
                     }
                 )
-    return pd.DataFrame(out, columns=["preset", "ablation", "label", "lag", "value"])
+    return pd.DataFrame(out, columns=["preset", "ablation", "label", "lo_s", "hi_s", "value"])
 
 
 def rollout_curves(bench_dir: str | Path = ROOT / "benchmarks" / "results") -> pd.DataFrame:
@@ -372,6 +374,7 @@ def training_curves(cfg: DictConfig, pattern: str = "loss") -> pd.DataFrame:
     if df.empty:
         return pd.DataFrame(columns=cols)
     from cf.bench.tables import row_label
+    from cf.store import run_exists
 
     client = _client(cfg)
     out, seen = [], set()
@@ -382,6 +385,11 @@ def training_curves(cfg: DictConfig, pattern: str = "loss") -> pd.DataFrame:
                 continue
             seen.add((run_id, row_label(b)))
             stage = tag.removeprefix("run.")
+            if not run_exists(client, run_id):  # e.g. a pipeline logged before its cache was re-recorded
+                print(f"training curves: skipping {stage} of {row_label(b)}: its run {run_id} is not in this "
+                      "store (run `make ablate` again with the same settings to record it from the cache)",
+                      file=sys.stderr)
+                continue
             for key in client.get_run(run_id).data.metrics:
                 if pattern in key:
                     for m in client.get_metric_history(run_id, key):

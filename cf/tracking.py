@@ -86,7 +86,7 @@ def flatten_config(cfg: DictConfig) -> dict[str, str]:
     return out
 
 
-def _is_global_zero() -> bool:
+def is_global_zero() -> bool:
     """Rank 0 of a distributed job, read from the launcher's variables (set before Lightning starts)."""
     return all(int(os.environ.get(v, "0")) == 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
@@ -135,6 +135,7 @@ class _NullRun:
     """What `start_run` yields when tracking is off or on a non-zero rank: every call is a no-op."""
 
     run_id = None
+    uri = None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         pass
@@ -197,7 +198,7 @@ def start_run(
     run_id: continue this existing run (e.g. a stage resumed after a kill) instead of creating
         one; its params are already logged and are not logged again.
     """
-    if not cfg.tracking.enabled or not _is_global_zero():
+    if not cfg.tracking.enabled or not is_global_zero():
         _open_runs.append(None)
         try:
             yield _NullRun()
@@ -209,9 +210,10 @@ def start_run(
     from mlflow.entities import Param, RunStatus
     from mlflow.tracking import MlflowClient
 
+    from cf.store import ensure_store
+
     uri = tracking_uri(cfg)
-    if uri.startswith("sqlite:///"):
-        Path(artifact_location(uri).removeprefix("file://")).parent.mkdir(parents=True, exist_ok=True)
+    ensure_store(uri)  # created and migrated by one process at a time
     client = MlflowClient(tracking_uri=uri)
     tags = {**run_tags(cfg, stage), **{k: str(v) for k, v in (extra_tags or {}).items()}}
     if parent_run_id is None:
@@ -245,7 +247,13 @@ def start_run(
         raise
     finally:
         _open_runs.pop()
-        client.set_terminated(run.run_id, status)
+        try:
+            client.set_terminated(run.run_id, status)
+        except Exception:
+            # the store failed too (a full disk under it): keep the error that stopped the run; the run
+            # stays RUNNING until the next pipeline on this run folder marks it KILLED
+            if status == "FINISHED":
+                raise
 
 
 def active_run() -> Run | None:

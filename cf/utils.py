@@ -6,41 +6,70 @@ import contextlib
 import json
 import os
 import random
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# atomic_path's temporary files: `.<name>.partial-<random><suffix>` beside the target (older versions
+# wrote `.<name>.<random><suffix>`); what a killed write leaves behind, and what `partial_files` finds.
+_PARTIAL = re.compile(r"^\.(?P<target>.+?)\.(?:partial-)?[A-Za-z0-9_]{8}(?P<suffix>\.[^.]+)$")
+
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds.
 
-    A crash mid-write therefore never leaves a truncated result or checkpoint behind.
+    A crash mid-write therefore never leaves a truncated result or checkpoint behind. `fsync`
+    flushes the file to the disk before the rename, so even a power loss cannot leave `path`
+    half-written (checkpoints and cache markers ask for it).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
+    suffix = path.suffix or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o644)  # mkstemp makes 0600 files; results are meant to be shared
+        if fsync:
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    with atomic_path(path) as tmp:
+def partial_target(name: str) -> str | None:
+    """The file name an atomic write's temporary file `name` stands for, or None if it is not one."""
+    m = _PARTIAL.match(name)
+    if m is None:
+        return None
+    target, suffix = m["target"], m["suffix"]
+    return target if target.endswith(suffix) or suffix == ".tmp" else None
+
+
+def partial_files(folder: str | os.PathLike) -> list[Path]:
+    """Temporary files of interrupted atomic writes anywhere under `folder`."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.rglob(".*") if p.is_file() and partial_target(p.name) is not None)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = False) -> Path:
+    with atomic_path(path, fsync=fsync) as tmp:
         tmp.write_text(text)
     return Path(path)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+def atomic_write_json(path: str | os.PathLike, obj: Any, fsync: bool = False) -> Path:
+    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+    return atomic_write_text(path, text, fsync=fsync)
 
 
 def _json_default(o: Any) -> Any:

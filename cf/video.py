@@ -146,10 +146,31 @@ def read_video(path: str | Path, max_frames: int | None = None) -> tuple[np.ndar
     except VideoReadError:
         raise
     except Exception as e:  # noqa: BLE001 - PyAV raises many types; all mean "unreadable"
-        raise VideoReadError(path, f"{type(e).__name__}: {e}") from None
+        raise VideoReadError(path, _not_a_video(path, e)) from None
     if not frames:
         raise VideoReadError(path, "it decodes to zero frames")
     return np.stack(frames), fps
+
+
+def _not_a_video(path: Path, e: Exception) -> str:
+    """Why a file did not decode, what was expected and the fix (VideoReadError adds the file name)."""
+    from cf.faults import one_line
+
+    if _is_text(path):
+        what = "a text file"
+    else:
+        what = f"not a video this decoder can read ({type(e).__name__}: {one_line(str(e))[:160]})"
+    return (f"it is {what}; expected a video ({', '.join(VIDEO_SUFFIXES)}): re-encode it "
+            "(e.g. ffmpeg -i IN -c:v libx264 OUT.mp4) or remove it")
+
+
+def _is_text(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return False
+    return bool(head) and all(32 <= c < 127 or c in (9, 10, 13) for c in head)
 
 
 def _read_gif(path: Path, max_frames: int | None) -> tuple[np.ndarray, float]:
@@ -174,8 +195,8 @@ def _read_gif(path: Path, max_frames: int | None) -> tuple[np.ndarray, float]:
                 if max_frames is not None and len(frames) >= max_frames:
                     frames = frames[:max_frames]
                     break
-    except Exception as e:  # noqa: BLE001
-        raise VideoReadError(path, f"{type(e).__name__}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types; all mean "unreadable"
+        raise VideoReadError(path, _not_a_video(path, e)) from None
     if not frames:
         raise VideoReadError(path, "it decodes to zero frames")
     return np.stack(frames), fps

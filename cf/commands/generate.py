@@ -38,6 +38,10 @@ def run(args, cfg) -> int:
     seconds = cfg.bench.seconds if args.seconds is None else args.seconds
     if seconds <= 0:
         raise CfError(f"--seconds {seconds:g} must be positive")
+    if args.ckpt is not None:  # a damaged or foreign file fails here, naming it, not inside the loader
+        from cf.filecheck import check_weights
+
+        check_weights(args.ckpt, "--ckpt")
     set_threads(cfg.trainer.threads)
     device = pick_device(cfg.device)
     model = build_model(cfg, device, weights=args.ckpt).eval()

@@ -29,13 +29,14 @@ def run(args, cfg) -> int:
 
     from cf.data.world import World
     from cf.errors import CfError
+    from cf.filecheck import check_writable_dir
     from cf.utils import atomic_write_json
 
     frames = int(round(args.seconds * cfg.data.fps))
     if args.n < 1 or frames < 1:
         raise CfError(f"--n {args.n} --seconds {args.seconds:g}: need at least one video of at least one "
                       f"frame (data.fps={cfg.data.fps})")
-    out = Path(args.out) if args.out else Path(cfg.out) / "world"
+    out = check_writable_dir(Path(args.out) if args.out else Path(cfg.out) / "world", "--out")
     for k in tqdm(range(args.n), desc="cf world", unit="video"):
         clip = World(cfg.data, (cfg.seed, k)).render(frames, start=0)
         stem = out / f"world_{k:03d}"

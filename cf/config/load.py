@@ -6,6 +6,7 @@ import difflib
 import hashlib
 import importlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,28 @@ REGISTRY_KEYS: dict[str, str] = {
     "data.camera_path": "cf.data.world:CAMERA_PATHS",
     "bench.backbone": "cf.metrics.backbones:BACKBONES",
 }
+
+
+# Numeric domains (checked for every preset, method, grid and override at load time). Every number must
+# be finite and >= 0 except the keys in MAY_BE_NEGATIVE; these must also be > 0:
+POSITIVE = (
+    "trainer.lr", "student.lr", "cdmd.critic_lr", "cdmd.generator_lr",
+    "trainer.max_steps", "trainer.num_nodes", "student.steps", "erft.steps", "cdmd.stage1_steps",
+    "cdmd.stage2_steps", "trainer.max_minutes", "student.max_minutes", "cdmd.stage1_max_minutes",
+    "cdmd.stage2_max_minutes", "model.channels", "model.ffn_dim", "model.text_tokens", "model.vocab_size",
+    "model.text_dim", "model.rope_theta", "model.video_frames_per_latent", "data.eval_clips",
+    "data.pano_frames", "diffusion.num_timesteps", "diffusion.teacher_steps", "diffusion.prediction_eps",
+    "teacher.target_chunks", "erft.bins", "erft.bank_size", "erft.collect_every", "student.ode_pairs",
+    "student.rollout_chunks", "student.eval_videos", "student.eval_seconds", "cdmd.short_chunks",
+    "cdmd.long_chunks_start", "cdmd.long_chunks_end", "cdmd.dmd_shift", "bench.seconds", "bench.segment_s",
+    "bench.context_factor", "model.dim", "model.depth", "model.heads", "model.patch_size",
+    "model.frames_per_chunk", "model.position_scale", "data.height", "data.width", "data.fps",
+    "data.clip_frames", "data.batch_size",
+)
+# ... and these lie in [0, 1) (EMA decays, Adam betas) or [0, 1] (probabilities):
+BELOW_ONE = ("trainer.ema", "student.ema", "cdmd.ema", "trainer.betas", "cdmd.betas")
+PROBABILITY = ("teacher.cond_drop", "erft.p_history", "erft.p_target", "erft.p_noise", "erft.p_clean")
+MAY_BE_NEGATIVE = ("seed", "data.seed", "data.eval_seed", "bench.seeds", "trainer.devices", "memory.tau")
 
 
 class ConfigError(ValueError):
@@ -154,18 +177,48 @@ def _registry(spec: str):
     return getattr(importlib.import_module(mod_name), attr)
 
 
+def _numbers(node: Any, prefix: str = ""):
+    """(key, value) for every number in a plain container (list items as `key[i]`)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _numbers(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _numbers(v, f"{prefix}[{i}]")
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        yield prefix, node
+
+
+def _default(key: str) -> str:
+    value = OmegaConf.select(OmegaConf.structured(Config), key)
+    return f" (the default is {value})" if value is not None else ""
+
+
+def check_domains(cfg: DictConfig) -> None:
+    """Numbers in their domains: finite, >= 0 unless MAY_BE_NEGATIVE, > 0 for POSITIVE, [0, 1) for
+    BELOW_ONE, [0, 1] for PROBABILITY. A NaN or negative rate fails here, not in the optimizer."""
+    for item, v in _numbers(OmegaConf.to_container(cfg, resolve=True)):
+        key = item.split("[")[0]
+        if not math.isfinite(v):
+            raise ConfigError(f"{item}={v} is not a finite number; set {key} to a number{_default(key)}")
+        if key in POSITIVE and v <= 0:
+            raise ConfigError(f"{item}={v} must be positive; set {key} to a number > 0{_default(key)}")
+        if key in BELOW_ONE and not 0 <= v < 1:
+            raise ConfigError(f"{item}={v} must be in [0, 1) (a decay or an Adam beta){_default(key)}")
+        if key in PROBABILITY and not 0 <= v <= 1:
+            raise ConfigError(f"{item}={v} must be a probability in [0, 1]{_default(key)}")
+        if v < 0 and key not in MAY_BE_NEGATIVE:
+            raise ConfigError(f"{item}={v} must be >= 0; set {key} to a non-negative number{_default(key)}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check choices and ranges that the type system cannot express."""
+    check_domains(cfg)
     for key, valid in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in valid:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(valid)}; set {key}=<one of them>")
     m, d, mem = cfg.model, cfg.data, cfg.memory
-    for key in ("model.dim", "model.depth", "model.heads", "model.patch_size", "model.frames_per_chunk",
-                "model.position_scale", "data.height", "data.width", "data.fps", "data.clip_frames",
-                "data.batch_size"):
-        if OmegaConf.select(cfg, key) <= 0:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} must be positive")
     if m.precondition == "edm" and m.prediction != "x0":
         raise ConfigError(f"model.precondition=edm preconditions an x0 output, but model.prediction="
                           f"{m.prediction!r}; set model.prediction=x0 or model.precondition=none")

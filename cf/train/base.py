@@ -51,6 +51,7 @@ from cf.train.callbacks import (
     StreamPosition,
     WallClockStop,
 )
+from cf.train.recovery import nonfinite_hint, recover_checkpoint
 from cf.utils import atomic_path, set_threads
 
 # --- optimisation -------------------------------------------------------------------------------
@@ -323,10 +324,12 @@ def make_trainer(
     if accelerator == "gpu" and cfg.device.startswith("cuda:") and t.devices == 1:
         devices = [int(cfg.device.split(":")[1])]
     clip = t.grad_clip if grad_clip is None else grad_clip
-    cbs = [NonFiniteStop(), StreamPosition(), *([StepProgressBar(stage)] if progress_bar else []), *callbacks]
+    hint = nonfinite_hint(cfg, stage)
+    bar = [StepProgressBar(stage)] if progress_bar else []
+    cbs = [NonFiniteStop(hint=hint), StreamPosition(), *bar, *callbacks]
     if t.max_minutes is not None:
         cbs.append(WallClockStop(t.max_minutes))
-    cbs.append(AtomicCheckpoint(ckpt_path(out_dir, stage), t.ckpt_every, to_yaml(cfg), stage))
+    cbs.append(AtomicCheckpoint(ckpt_path(out_dir, stage), t.ckpt_every, to_yaml(cfg), stage, hint=hint))
     _quiet_lightning()
     return Trainer(
         accelerator=accelerator,
@@ -381,7 +384,7 @@ def fit(
         # Lightning casts to float64 only after restoring a checkpoint, which would round the
         # restored weights through float32 first.
         module.double()
-    last = ckpt_path(out_dir, stage)
+    last = recover_checkpoint(ckpt_path(out_dir, stage), stage)
     data = (
         {"datamodule": datamodule}
         if isinstance(datamodule, LightningDataModule)

@@ -41,11 +41,16 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 
 from cf.errors import CfError
+from cf.faults import failpoint
 from cf.utils import atomic_path
 
 
 class NonFiniteError(CfError):
     """Training produced NaN/inf; the message names the metric, the step and the checkpoint kept."""
+
+
+# What to try after a non-finite loss; `cf.train.base.make_trainer` names the stage's own learning rates.
+DEFAULT_HINT = "Lower trainer.lr, set trainer.grad_clip, or check the data"
 
 
 # What torch.load(weights_only=True) accepts without extra allow-listing. Exact types: subclasses
@@ -82,8 +87,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options (got {storage_options!r})")
         check_weights_only_safe(checkpoint)
-        with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+        with atomic_path(path, fsync=True) as tmp:
+            # through a Python file object: a full disk then raises OSError(ENOSPC), not torch's opaque
+            # "[enforce fail at inline_container.cc] unexpected pos"
+            with open(tmp, "wb") as f:
+                failpoint("ckpt.write")
+                torch.save(checkpoint, f)
+            failpoint("ckpt.tmp_written")
 
     def load_checkpoint(
         self, path, map_location: Any = "cpu", weights_only: bool | None = None
@@ -104,16 +114,21 @@ class AtomicCheckpoint(Checkpoint):
     never config objects, so it loads with weights_only=True.
     """
 
-    def __init__(self, path: str | Path, every_n_steps: int, config_yaml: str, stage: str):
+    def __init__(
+        self, path: str | Path, every_n_steps: int, config_yaml: str, stage: str, hint: str = DEFAULT_HINT
+    ):
         self.path, self.every, self.config_yaml, self.stage = Path(path), every_n_steps, config_yaml, stage
+        self.hint = hint
         self.last_saved_step: int | None = None  # step of the checkpoint on disk, for messages
         self._anchor = 0  # step the save schedule counts from; identical on every rank
         self._saved_at: int | None = None  # step of this run's latest save
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Decisions to save depend on global_step only: every rank must call save_checkpoint together.
-        self._anchor, self._saved_at = trainer.global_step, None
-        self.last_saved_step = trainer.global_step if self.path.is_file() else None
+        # A resumed run starts from the checkpoint on disk, which is then already this step's: a stage
+        # resumed at its last step ends without rewriting it (its bytes, and so its hash, stay the same).
+        self._anchor = trainer.global_step
+        self._saved_at = self.last_saved_step = trainer.global_step if self.path.is_file() else None
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         # Saved here, before the next batch, rather than at the end of the previous one: the
@@ -137,8 +152,7 @@ class AtomicCheckpoint(Checkpoint):
         if _any_rank(trainer, not bool(finite)):
             raise NonFiniteError(
                 f"{self.stage}: the weights are not finite at step {trainer.global_step}; not overwriting "
-                f"the last good checkpoint {self.path} (step {self.last_saved_step}). Lower trainer.lr or "
-                "check the data"
+                f"the last good checkpoint {self.path} (step {self.last_saved_step}). {self.hint}"
             )
         trainer.save_checkpoint(self.path, weights_only=False)  # False: the full training state
         self._anchor = self._saved_at = self.last_saved_step = trainer.global_step
@@ -152,8 +166,9 @@ class NonFiniteStop(Callback):
     runs before the checkpoint callback in the same step, so the bad step is never saved.
     """
 
-    def __init__(self, patterns: tuple[str, ...] = ("loss",)):
+    def __init__(self, patterns: tuple[str, ...] = ("loss",), hint: str = DEFAULT_HINT):
         self.patterns = tuple(p.lower() for p in patterns)
+        self.hint = hint
 
     def _watched(self, trainer: Trainer, outputs: Any) -> dict[str, torch.Tensor]:
         values: dict[str, torch.Tensor] = {}
@@ -185,7 +200,7 @@ class NonFiniteStop(Callback):
         raise NonFiniteError(
             f"non-finite training value at step {trainer.global_step} "
             f"(batch {trainer.fit_loop.total_batch_idx}): "
-            f"{what}; training stopped and {kept}. Lower trainer.lr, set trainer.grad_clip, or check the data"
+            f"{what}; training stopped and {kept}. {self.hint}"
         )
 
 
