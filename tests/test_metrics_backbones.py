@@ -118,7 +118,7 @@ def test_a_wrong_dino_file_is_named(offline):
     folder = offline / "w"
     folder.mkdir()
     torch.save({"blocks.0.norm1.weight": torch.ones(3)}, folder / "dino_vitbase16_pretrain.pth")
-    with pytest.raises(CfError, match="dino_vitbase16_pretrain.pth' does not hold DINO ViT-B/16 weights"):
+    with pytest.raises(CfError, match="dino_vitbase16_pretrain.pth' does not hold DINO ViT weights"):
         get_backbone("dino", str(folder))
 
 
@@ -153,14 +153,17 @@ def test_dino_and_clip_load_local_weights_round_trip(offline):
     vit = timm.create_model("vit_base_patch16_224.dino", pretrained=False, num_classes=0).eval()
     torch.save(vit.state_dict(), offline / "dino_vitbase16_pretrain.pth")
     dino = BACKBONES.get("dino")(str(offline))
-    assert dino.label.startswith("dino (ViT-B/16")
+    assert dino.label == "dino (ViT-B/16, dino_vitbase16_pretrain.pth)"
     with torch.no_grad():
         assert torch.allclose(dino(x), vit(dino.preprocess(x)), atol=1e-5)
     clip = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).eval()
     snap = offline / "models--timm--vit_base_patch32_clip_224.openai" / "snapshots" / "0"
     snap.mkdir(parents=True)
     torch.save(clip.state_dict(), snap / "open_clip_pytorch_model.bin")
-    ours = BACKBONES.get("clip")(str(offline))
-    assert "ViT-B-32-quickgelu" in ours.label
+    # a bare state dict: the folder's name is no config, so the activation must be set
+    with pytest.raises(CfError, match="bench.clip_activation"):
+        BACKBONES.get("clip")(str(offline))
+    ours = BACKBONES.get("clip")(str(offline), clip_activation="quick_gelu")
+    assert ours.label == "clip (ViT-B/32, QuickGELU, timm/vit_base_patch32_clip_224.openai)"
     with torch.no_grad():
         assert torch.allclose(ours(x), clip.encode_image(ours.preprocess(x)), atol=1e-5)

@@ -212,6 +212,8 @@ class BenchConfig:
     # second one (None: the same as `backbone`; with dino + clip weights: backbone=dino, this=clip)
     background_backbone: str | None = None
     weights: str | None = None  # local weight file or cache dir for dino/dinov2/clip/lpips
+    # gelu | quick_gelu, for a CLIP state dict that comes without a config (see docs/weights.md)
+    clip_activation: str | None = None
     lpips: bool = True
     context_factor: float = 1.5  # effective context: largest lag with error <= factor * short-lag error
     # more backbones whose first-frame consistency Table 1 also reports (bench.backbone always comes first)

