@@ -81,8 +81,10 @@ def failpoint(name: str) -> None:
     pattern, _, nth = spec.removesuffix(":enospc").partition("@")
     if not fnmatch.fnmatchcase(name, pattern):
         return
-    _hits[pattern] = _hits.get(pattern, 0) + 1
-    if _hits[pattern] != int(nth or 1):
+    if spec not in _hits:  # count hits of this spec only (a test process may set several in turn)
+        _hits.clear()
+    _hits[spec] = _hits.get(spec, 0) + 1
+    if _hits[spec] != int(nth or 1):
         return
     if enospc:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"<failpoint {name}>")

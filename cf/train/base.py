@@ -457,6 +457,26 @@ def export_safetensors(
     state = module.state_dict() if isinstance(module, nn.Module) else module
     # clone: tied weights share storage, which safetensors refuses
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, fsync=True) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        _sort_metadata(tmp)
     return Path(path)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the header's `__metadata__` in key order, in place: safetensors writes it in the order of
+    a Rust HashMap, which changes from process to process, so equal weights would not give equal bytes
+    (and a redone or resumed stage would not hash the same). The header keeps its length."""
+    import json
+    import struct
+
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(raw) <= n:
+            f.seek(8)
+            f.write(raw.ljust(n, b" "))
