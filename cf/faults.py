@@ -57,9 +57,9 @@ def is_disk_full(e: BaseException) -> bool:
     return False
 
 
-def disk_full_message(e: BaseException) -> str:
+def disk_full_message(e: BaseException, path: str | os.PathLike | None = None) -> str:
     """'no space left on device while writing X; free space ... and rerun' for a disk-full `e`."""
-    where = next((x.filename for x in _chain(e) if isinstance(x, OSError) and x.filename), None)
+    where = path or next((x.filename for x in _chain(e) if isinstance(x, OSError) and x.filename), None)
     what = f" while writing {str(where)!r}" if where else f" ({one_line(str(e))})"
     return (
         f"no space left on device{what}; free some space and run the same command again: finished "

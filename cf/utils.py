@@ -39,6 +39,12 @@ def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
             with open(tmp_path, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp_path, path)
+    except Exception as e:
+        from cf.faults import DiskFullError, disk_full_message, is_disk_full
+
+        if is_disk_full(e) and not isinstance(e, DiskFullError):  # name the file the disk was full for
+            raise DiskFullError(disk_full_message(e, path)) from e
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

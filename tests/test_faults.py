@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from cf import pipeline, results, stage_cache, store, tracking
 from cf.cli import main
 from cf.config import load_config
-from cf.faults import FAILPOINT_ENV, failpoint, is_disk_full, one_line
+from cf.faults import FAILPOINT_ENV, DiskFullError, failpoint, is_disk_full, one_line
 from cf.filecheck import digest
 from cf.utils import partial_files
 
@@ -341,9 +341,10 @@ def test_a_full_disk_mid_save_stops_cleanly_and_resumes_exactly(tmp_path, monkey
 
     ref = train(toy_cfg(), tmp_path / "ref")
     monkeypatch.setenv(FAILPOINT_ENV, "ckpt.write@2:enospc")  # the second save finds the disk full
-    with pytest.raises(OSError) as err:
+    full = r"no space left on device while writing '.*/toy/last.ckpt'"
+    with pytest.raises(DiskFullError, match=full) as err:
         train(toy_cfg(), tmp_path / "full")
-    assert err.value.errno == errno.ENOSPC and is_disk_full(err.value)
+    assert is_disk_full(err.value) and err.value.__cause__.errno == errno.ENOSPC
     assert load_checkpoint(ckpt_path(tmp_path / "full", "toy"))["global_step"] == 3  # the first save
     assert partial_files(tmp_path / "full") == []
     monkeypatch.delenv(FAILPOINT_ENV)  # space is back
@@ -482,7 +483,8 @@ def test_a_full_disk_is_one_line_that_says_to_rerun(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err  # after the progress bar's line
     assert err.count("cf: error:") == 1 and "Traceback" not in err
     last = err.splitlines()[-1]
-    assert last.startswith("cf: error: no space left on device") and "run the same command again" in last
+    assert last.startswith(f"cf: error: no space left on device while writing '{tmp_path / 'world_000.mp4'}'")
+    assert "run the same command again" in last
 
 
 def test_a_video_that_is_not_a_video_names_the_file_and_the_fix(tmp_path):

@@ -241,7 +241,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(cbm.torch, "save", dying_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CfError, match=r"no space left on device while writing '.*last.ckpt'"):
         io.save_checkpoint({"w": torch.zeros(3), "global_step": 2}, path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["last.ckpt"]  # no temporary file left behind
