@@ -150,8 +150,8 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def _reuse(cfg: DictConfig, ps: PlannedStage, parent: Any, upstream: dict[str, dict], stream: TextIO) -> dict:
-    """The finished entry's marker once it verifies (recorded in the current MLflow store); a CfError
-    never: a damaged or stale entry is moved aside and `{}` returned, so the stage is redone."""
+    """The finished entry's marker if it verifies (its stage run then recorded in the current store), or
+    `{}` after moving a damaged or stale entry's files aside: the caller redoes the stage."""
     marker = _read_json(ps.marker)
     bad = stage_cache.problem(ps, marker, upstream)
     if bad is not None:

@@ -130,14 +130,20 @@ def adopt(ps: PlannedStage, marker: dict, upstream: dict[str, dict]) -> bool:
 
 
 def move_aside(ps: PlannedStage, kind: str) -> Path:
-    """Rename the entry to `<entry>.<kind>-<time>` and start an empty one; returns the new name."""
+    """Move the entry's contents into `<entry>.<kind>-<time>`; returns that folder.
+
+    The entry itself stays, with its lock file (the lock this process holds, and other processes may
+    wait on, keeps its identity); `done.json` goes first, so an interruption leaves an unfinished entry.
+    """
     aside = ps.dir.with_name(f"{ps.dir.name}.{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
     n = 1
     while aside.exists():
         aside = aside.with_name(f"{aside.name.rsplit('~', 1)[0]}~{n}")
         n += 1
-    ps.dir.rename(aside)
-    ps.dir.mkdir(parents=True)
+    aside.mkdir()
+    for child in sorted(ps.dir.iterdir(), key=lambda p: p.name != "done.json"):
+        if child.name != ".lock":
+            child.rename(aside / child.name)
     return aside
 
 
