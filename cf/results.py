@@ -284,7 +284,7 @@ def load_rows(cfg: DictConfig, results_dir: str | Path = RESULTS) -> tuple[pd.Da
 
 def first_frame_curves(rows: pd.DataFrame) -> pd.DataFrame:
     """Long form of first-frame consistency: preset, ablation, label, backbone, t (s), value."""
-    from cf.bench.tables import FIRST_FRAME
+    from cf.metrics.columns import FIRST_FRAME
 
     out = []
     for c in rows.columns:

@@ -72,8 +72,8 @@ def test_writes_results_with_the_row_contract(bench):
     ]
     segments = [f"first_frame_{b}_at_{t}s" for b in ("pixels", "random") for t in (1, 2, 3, 4)]
     scores = [
-        "subject_consistency",
-        "background_consistency",
+        "consistency_pixels",  # one backbone computes both of VBench's consistencies: one column
+        "consistency_pixels_long",
         "motion_smoothness",
         "dynamic_degree",
         "total",
@@ -87,7 +87,8 @@ def test_writes_results_with_the_row_contract(bench):
     assert set(segments + scores) <= set(runs.columns)
     assert list(tables.first_frame_columns(runs)) == ["pixels", "random"]  # bench.backbone comes first
     assert runs[segments + scores].notna().all().all()
-    assert tables.revisit_lags(runs) and not tables.revisit_lags(runs, "lpips")  # smoke: lpips off
+    assert not {"subject_consistency", "background_consistency"} & set(runs.columns)
+    assert tables.revisit_bins(runs) and not tables.revisit_bins(runs, "lpips")  # smoke: lpips off
     assert videos[["entry", "seed"]].values.tolist() == [[e, s] for e in ENTRIES for s in (0, 1)]
     assert videos["world_seed"].tolist() == [1_000_000, 1_000_001] * 2  # data.eval_seed + seed
 
@@ -98,14 +99,14 @@ def test_run_rows_aggregate_the_videos(bench):
     runs, videos = _csv(out, "runs").set_index("entry"), _csv(out, "videos")
     means = videos.groupby("entry").mean(numeric_only=True)
     for col in (
-        "subject_consistency",
-        "background_consistency",
+        "consistency_pixels",
+        "consistency_pixels_long",
         "motion_smoothness",
         "first_frame_pixels_at_2s",
         "first_frame_random_at_4s",
     ):
         assert np.allclose(runs.loc[ENTRIES, col], means.loc[ENTRIES, col], rtol=0, atol=1e-9), col
-    total = runs[["subject_consistency", "background_consistency", "motion_smoothness", "dynamic_degree"]]
+    total = runs[["consistency_pixels", "motion_smoothness", "dynamic_degree"]]
     assert np.allclose(runs["total"], total.mean(axis=1), atol=1e-12)
     ff = _csv(out, "first_frame")
     cf = ff[(ff.entry == ENTRIES[1]) & (ff.backbone == "pixels")]
@@ -167,10 +168,11 @@ def test_saved_video_rescores_to_the_same_numbers(bench, capsys):
     meta = json.loads(stem.with_suffix(".json").read_text())
     assert meta["weights"] == "untrained" and meta["world_seed"] == 1_000_001 and len(side["revisits"]) > 0
     frames = np.load(stem.with_name("seed1.frames.npz"))["frames"]
-    r = VideoScorer(load_config("smoke")).score(frames, side["fps"], side["revisits"], side["masks"])
+    r = VideoScorer(load_config("smoke")).score(frames, side["fps"], side["revisits"], side["masks"],
+                                                side["camera"])
     row = _csv(out, "videos").set_index(["entry", "seed"]).loc[(ENTRIES[1], 1)]
     got = {
-        "subject_consistency": r["subject_consistency"],
+        "consistency_pixels": r["consistency"][0]["clips"],
         "motion_smoothness": r["motion_smoothness"],
         "revisit_psnr": r["revisit"]["psnr"],
         "effective_context_s": r["effective_context_s"],
@@ -208,7 +210,7 @@ def test_one_mlflow_run_with_a_nested_run_per_entry(bench):
         assert tags["weights"] == "untrained" and child.info.run_name.endswith("-untrained/bench")
         row = expected.loc[tags["method"]]
         assert tags["memory"] == row["memory"] and child.data.params["memory.policy"] == row["memory"]
-        for col in ("subject_consistency", "first_frame_pixels_at_3s", "effective_context_s", "fps"):
+        for col in ("consistency_pixels", "first_frame_pixels_at_3s", "revisit_retention", "fps"):
             assert child.data.metrics[f"bench/{col}"] == pytest.approx(row[col], rel=1e-12)
         names = {a.path for a in client.list_artifacts(child.info.run_id, f"videos/{row['entry']}")}
         assert f"videos/{row['entry']}/seed0.gif" in names
@@ -231,16 +233,16 @@ def test_one_entry_logs_into_one_run_under_the_pipeline(bench, tmp_path, monkeyp
     assert tags["mlflow.parentRunId"] == parent.run_id and tags["stage"] == "bench"
     assert (tags["method"], tags["memory"], tags["weights"]) == ("longlive", "sink", "untrained")
     assert run.data.metrics == res.metrics() and "bench/first_frame_pixels_at_4s" in run.data.metrics
-    assert res.metrics()["bench/subject_consistency"] == res.runs.loc[0, "subject_consistency"]
+    assert res.metrics()["bench/consistency_pixels"] == res.runs.loc[0, "consistency_pixels"]
     logged = set()
     for folder in ("results", "plots", "videos/longlive-sink-untrained"):
         logged |= {a.path for a in client.list_artifacts(res.run_id, folder)}
     assert logged == {str(f.relative_to(tmp_path / "bench")) for f in res.files}
 
-    lags = tables.revisit_lags(res.runs, "lpips")
-    assert [lag for lag, _ in lags] == [lag for lag, _ in tables.revisit_lags(res.runs, "psnr")]
-    assert res.runs[[c for _, c in lags]].notna().all().all() and "bench/revisit_lpips" in run.data.metrics
-    assert np.allclose(res.revisit["lpips"], res.runs.loc[0, [c for _, c in lags]].astype(float))
+    lags = tables.revisit_bins(res.runs, "lpips")
+    assert [lag[:2] for lag in lags] == [lag[:2] for lag in tables.revisit_bins(res.runs, "psnr")]
+    assert res.runs[[c for _, _, c in lags]].notna().all().all() and "bench/revisit_lpips" in run.data.metrics
+    assert np.allclose(res.revisit["lpips"], res.runs.loc[0, [c for _, _, c in lags]].astype(float))
     title, body = (tmp_path / "bench" / "results" / "revisit_lpips.md").read_text().split("\n\n", 1)
     assert "test only" in title and body == tables.revisit_table(res.runs, "lpips")
 
@@ -276,9 +278,9 @@ def test_trained_generator_is_loaded_from_the_runs_folder(bench, tmp_path):
     assert "[untrained]" not in (tmp_path / "out" / "results" / "table2.md").read_text()
     untrained = _csv(out, "videos").set_index(["entry", "seed"]).loc[(ENTRIES[1], 1)]
     same, other = res.videos.iloc[0], res.videos.iloc[1]
-    for col in ("subject_consistency", "revisit_psnr", "first_frame_random_at_2s"):
+    for col in ("consistency_pixels", "revisit_psnr", "first_frame_random_at_2s"):
         assert same[col] == pytest.approx(untrained[col], abs=1e-12), col
-    assert other["subject_consistency"] != pytest.approx(untrained["subject_consistency"], abs=1e-6)
+    assert other["consistency_pixels"] != pytest.approx(untrained["consistency_pixels"], abs=1e-6)
 
 
 def test_missing_generator_names_the_path_and_the_command(tmp_path, capsys):

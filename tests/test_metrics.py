@@ -16,8 +16,10 @@ from cf.metrics.revisit import (
     PSNR_CAP_DB,
     AgeBinnedError,
     RevisitError,
+    chance_frames,
     check_pairs,
     effective_context,
+    retention,
     revisit_errors,
 )
 
@@ -53,8 +55,11 @@ def test_static_video_scores_one_and_no_drift():
     d = drift.compute()
     assert abs(float(d["first_to_last"])) < 1e-6 and abs(float(d["slope_per_s"])) < 1e-6
     vb = VBenchConsistency(backbone=pix)
-    vb.update(video)
-    assert float(vb.compute()) == pytest.approx(1.0, abs=1e-6)
+    vb.update(video, fps=8.0)
+    out = vb.compute()
+    assert float(out["whole"]) == pytest.approx(1.0, abs=1e-6)
+    assert float(out["clips"]) == pytest.approx(1.0, abs=1e-6)
+    assert math.isnan(float(out["long_range"]))  # 1.5 s hold one 2 s clip: no cross-clip term
 
 
 def test_hard_cut_drops_first_frame_consistency_after_the_cut():
@@ -91,9 +96,10 @@ def test_shuffled_copy_scores_lower_subject_consistency():
     perm = torch.cat([torch.zeros(1, dtype=torch.long), rest])
     pix = get_backbone("pixels")
     orig, shuf = VBenchConsistency(backbone=pix), VBenchConsistency(backbone=pix)
-    orig.update(video[None])
-    shuf.update(video[perm][None])  # same frames (frame 0 kept), so only the neighbour term differs
-    assert float(orig.compute()) > float(shuf.compute()) + 0.02
+    orig.update(video[None], fps=8.0)
+    shuf.update(video[perm][None], fps=8.0)  # same frames (frame 0 kept), so only the neighbour term differs
+    assert float(orig.compute()["whole"]) > float(shuf.compute()["whole"]) + 0.02
+    assert float(orig.compute()["clips"]) > float(shuf.compute()["clips"]) + 0.02
 
 
 def test_vbench_formula_matches_a_hand_computation_on_three_frames():
@@ -101,8 +107,8 @@ def test_vbench_formula_matches_a_hand_computation_on_three_frames():
     feats = torch.tensor([[[1.0, 0.0], [3.0, 4.0], [0.0, 2.0]]])
     # t=2: 0.5 * (cos(d1,d2) + cos(d1,d2)) = 0.6; t=3: 0.5 * (cos(d1,d3) + cos(d2,d3)) = 0.5 * (0 + 0.8) = 0.4
     m = VBenchConsistency()
-    m.update(feats)
-    assert float(m.compute()) == pytest.approx((0.6 + 0.4) / 2)
+    m.update(feats, fps=8.0)
+    assert float(m.compute()["whole"]) == pytest.approx((0.6 + 0.4) / 2)
     # negative cosines are clipped at 0: d3 = [-1, 0] gives 0 at t=3
     assert float(vbench_consistency(F.normalize(torch.tensor([[[1.0, 0], [3, 4], [-1, 0]]]), dim=-1))) == \
         pytest.approx(0.6 / 2)
@@ -117,27 +123,44 @@ def test_metrics_accumulate_over_updates_like_one_batch():
     a, b = once.compute(), parts.compute()
     for k in a:
         assert torch.allclose(a[k].double(), b[k].double())
-    vb_once, vb_parts = VBenchConsistency(), VBenchConsistency()
-    vb_once.update(feats)
-    per_video = [float(vb_parts(feats[i:i + 1])) for i in range(3)]  # forward: one video's value, accumulated
-    assert float(vb_parts.compute()) == pytest.approx(sum(per_video) / 3)
-    assert float(vb_parts.compute()) == pytest.approx(float(vb_once.compute()))
+    vb_once, vb_parts = VBenchConsistency(clip_s=1.0), VBenchConsistency(clip_s=1.0)
+    vb_once.update(feats, fps=4.0)
+    # forward: one video's values, accumulated
+    per_video = [{k: float(v) for k, v in vb_parts(feats[i:i + 1], fps=4.0).items()} for i in range(3)]
+    for term in VBenchConsistency.TERMS:
+        assert float(vb_parts.compute()[term]) == pytest.approx(sum(v[term] for v in per_video) / 3)
+        assert float(vb_parts.compute()[term]) == pytest.approx(float(vb_once.compute()[term]))
     vb_parts.reset()
-    vb_parts.update(feats[:1])
-    assert float(vb_parts.compute()) == pytest.approx(per_video[0])
+    vb_parts.update(feats[:1], fps=4.0)
+    assert float(vb_parts.compute()["clips"]) == pytest.approx(per_video[0]["clips"])
 
 
 def test_features_and_videos_give_the_same_scores():
     video = pan(texture(32, 96, seed=4), [0, 4, 8, 12, 16], 32)[None]
     pix = get_backbone("pixels")
     from_video, from_feats = VBenchConsistency(backbone=pix), VBenchConsistency()
-    from_video.update(video)
-    from_feats.update(pix(video[0])[None])
-    assert float(from_video.compute()) == pytest.approx(float(from_feats.compute()))
+    from_video.update(video, fps=8.0)
+    from_feats.update(pix(video[0])[None], fps=8.0)
+    assert float(from_video.compute()["whole"]) == pytest.approx(float(from_feats.compute()["whole"]))
     with pytest.raises(CfError, match="no backbone"):
-        VBenchConsistency().update(video)
+        VBenchConsistency().update(video, fps=8.0)
     with pytest.raises(CfError, match="at least 2 frames"):
-        VBenchConsistency().update(torch.randn(1, 1, 8))
+        VBenchConsistency().update(torch.randn(1, 1, 8), fps=8.0)
+
+
+def test_vbench_long_terms_match_a_hand_computation():
+    # 4 frames at 1 fps in 2 s clips: clips [d0, d1] and [d2, d3]; keyframes d0, d2
+    e = torch.eye(3)
+    d0, d1, d2, d3 = e[0], F.normalize(e[0] + e[1], dim=0), e[1], F.normalize(e[1] + e[2], dim=0)
+    feats = torch.stack([d0, d1, d2, d3])[None]
+    c = float(F.cosine_similarity(d0, d1, dim=0))  # same within both clips: cos 45 degrees
+    m = VBenchConsistency(clip_s=2.0)
+    m.update(feats, fps=1.0)
+    out = {k: float(v) for k, v in m.compute().items()}
+    assert out["clips"] == pytest.approx(c)  # each clip: 0.5 * (c + c)
+    assert out["long_range"] == pytest.approx(0.0)  # keyframes d0, d2 are orthogonal: the scene was lost
+    # whole: t=1: c; t=2: 0.5 * (0 + c); t=3: 0.5 * (0 + c)
+    assert out["whole"] == pytest.approx((c + c / 2 + c / 2) / 3)
 
 
 # --- motion -----------------------------------------------------------------------------------------
@@ -229,17 +252,41 @@ def test_revisit_metric_groups_by_lag_and_skips_empty_masks():
 
 
 def test_effective_context_definition():
-    assert effective_context([2, 4, 8, 16], [1e-3, 1.2e-3, 1.4e-3, 5e-3], 1.5) == (8.0, False)
-    assert effective_context([2, 4, 8], [1e-3, 1e-3, 1e-3], 1.5) == (8.0, True)  # never failed: a lower bound
-    # the error must stay within the limit at every shorter lag too
-    assert effective_context([2, 4, 8], [1e-3, 2e-3, 1e-3], 1.5) == (2.0, False)
-    # exact short lags: the limit is factor * MSE_FLOOR, not 0; lags need not come sorted
-    assert effective_context([8, 2, 4], [0.0, 0.0, 1e-3], 1.5) == (2.0, False)
-    assert effective_context([2, 4], [0.0, 0.0], 1.5) == (4.0, True)
-    assert effective_context([], [], 1.5) == (None, False)
+    # retention by lag (seconds): the longest lag up to which every bin holds (>= 0.5)
+    assert effective_context([0.5, 1, 4, 16], [0.99, 0.9, 0.6, 0.1]) == (4.0, False)
+    assert effective_context([0.5, 1, 4], [1.0, 0.9, 0.8]) == (4.0, True)  # never failed: a lower bound
+    # every shorter lag must hold too; lags need not come sorted
+    assert effective_context([4, 0.5, 1], [0.9, 0.9, 0.2]) == (0.5, False)
+    assert effective_context([0.5, 1], [0.1, 0.9]) == (0.0, False)  # forgot at once
+    assert effective_context([0.5, 1], [math.nan, 0.9]) == (1.0, True)  # no chance reference: no evidence
+    assert effective_context([], []) == (None, False)
+    assert effective_context([1, 2], [0.7, 0.65], level=0.68) == (1.0, False)
     assert MSE_FLOOR == pytest.approx(1e-10)
-    with pytest.raises(CfError, match="context_factor"):
-        effective_context([2], [1.0], 0.5)
+    with pytest.raises(CfError, match="retention level"):
+        effective_context([2], [1.0], level=1.5)
+
+
+def test_retention_is_one_when_exact_and_zero_at_chance():
+    assert retention(0.0, 0.02).item() == 1.0 and retention(0.02, 0.02).item() == 0.0
+    assert retention(0.04, 0.02).item() == -1.0 and math.isnan(retention(0.0, 0.0).item())
+
+
+def test_chance_frames_are_other_places_at_a_similar_distance_in_time():
+    # poses per frame: 0 1 2 3 2 1 0 1 2 3 (a pan there and back, twice)
+    xs = [0, 1, 2, 3, 2, 1, 0, 1, 2, 3]
+    pairs = torch.tensor([[2, 4, 2], [1, 5, 4], [0, 6, 6], [5, 7, 2], [4, 8, 4], [3, 9, 6]])
+    refs = chance_frames(pairs)  # without a camera: frames outside the revisit's chain of pairs
+    chains = {0: {0, 6}, 1: {1, 5, 7}, 2: {2, 4, 8}, 3: {3, 9}}
+    firsts = set(pairs[:, 0].tolist())
+    for (_, b, _), ref in zip(pairs.tolist(), refs):
+        place = next(c for c in chains.values() if b in c)
+        assert ref and all(f < b and f in firsts and f not in place for f in ref)
+    # with a camera (x in frame widths here: frames 1 px wide), overlapping views are excluded as well
+    cam = torch.tensor([[x, 0] for x in xs])
+    for (_, b, _), ref in zip(pairs.tolist(), chance_frames(pairs, cam, (1, 1))):
+        assert all(xs[f] != xs[b] for f in ref)
+    # at most k references, spread over the window
+    assert all(len(r) <= 2 for r in chance_frames(pairs, k=2))
 
 
 def test_revisit_pairs_and_masks_are_checked():

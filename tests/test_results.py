@@ -126,7 +126,7 @@ SCORES = {"similarity": 0.9, "uniform1": 0.8, "uniform2": 0.7}
 def toy_store(tmp_path_factory):
     """The promotion grid at smoke on a one-stage toy pipeline (a bench that logs fixed numbers and a
     3-step loss curve) in a fresh store; returns (tmp dir, the store overrides)."""
-    from cf.bench.tables import first_frame_column, revisit_column
+    from cf.metrics.columns import first_frame_column, revisit_column
 
     tmp = tmp_path_factory.mktemp("toy_store")
 
@@ -135,7 +135,9 @@ def toy_store(tmp_path_factory):
         d.mkdir(parents=True, exist_ok=True)
         with tracking.start_run(cfg, "bench", parent_run_id=parent_run_id):
             score = SCORES[cfg.tracking.run_name]
-            metrics = {"bench/subject_consistency": score, f"bench/{revisit_column('psnr', 4)}": 20 * score}
+            metrics = {"bench/subject_consistency": score,
+                       f"bench/{revisit_column('psnr', 4, 6)}": 20 * score,
+                       f"bench/{revisit_column('retention', 4, 6)}": score}
             for t in (1, 2):
                 metrics[f"bench/{first_frame_column('pixels', t)}"] = score / t
             tracking.log_metrics(metrics)
@@ -174,8 +176,10 @@ def test_what_the_notebooks_plot_comes_from_the_store_or_the_committed_tables(to
     ff = results.first_frame_curves(rows)
     got = {(r.label, r.t): round(r.value, 6) for r in ff.itertuples()}
     assert got == {(lab, t): round(s / t, 6) for lab, s in zip(LABELS, SCORES.values()) for t in (1.0, 2.0)}
-    rv = results.revisit_curves(rows)
-    assert list(rv["lag"]) == [4, 4, 4] and list(rv["value"]) == pytest.approx([18.0, 16.0, 14.0])
+    rv = results.revisit_curves(rows, "psnr")
+    assert list(rv["lo_s"]) == [4, 4, 4] and list(rv["hi_s"]) == [6, 6, 6]
+    assert list(rv["value"]) == pytest.approx([18.0, 16.0, 14.0])
+    assert list(results.revisit_curves(rows)["value"]) == pytest.approx(list(SCORES.values()))  # retention
     curves = results.training_curves(cfg)
     assert set(curves["stage"]) == {"bench"} and set(curves["metric"]) == {"bench/toy_loss"}
     sim = curves[curves["label"] == LABELS[0]].sort_values("step")

@@ -10,8 +10,8 @@ from cf.errors import CfError
 from cf.metrics.score import VideoScorer, read_sidecar, score_video
 from cf.video import write_video
 
-REQUIRED = ("subject_consistency", "background_consistency", "first_frame_consistency", "drift",
-            "motion_smoothness", "dynamic_degree", "revisit", "effective_context_s")
+REQUIRED = ("consistency", "first_frame_consistency", "drift", "motion_smoothness", "dynamic_degree",
+            "revisit", "effective_context_s")
 
 
 def panorama(h=32, w=96, seed=0) -> np.ndarray:
@@ -66,10 +66,16 @@ def test_score_video_on_exact_revisits(smoke_cfg):
     assert out["frames"] == len(frames) and out["seconds"] == len(frames) / 8
     rv = out["revisit"]
     assert rv["pairs"] == len(pairs) and rv["mse"] == 0.0 and rv["psnr"] == 100.0
-    assert {b["lag"] for b in rv["by_lag"]} == set(pairs[:, 2].tolist())
-    lags = sorted(set(pairs[:, 2].tolist()))
-    assert out["effective_context_frames"] == lags[-1] and out["effective_context_s"] == lags[-1] / 8
+    assert sum(b["pairs"] for b in rv["by_lag"]) == len(pairs)
+    assert all(b["lo_s"] <= b["lag_s"] <= b["lag_max_s"] < b["hi_s"] for b in rv["by_lag"])
+    assert all(b["retention"] == 1.0 and b["chance_psnr"] < 40 for b in rv["by_lag"])
+    assert out["effective_context_s"] == pairs[:, 2].max() / 8
     assert out["effective_context_is_lower_bound"] is True
+    # one backbone computes both of VBench's consistencies: one measure, named after it
+    (cons,) = out["consistency"]
+    assert cons["column"] == "consistency_pixels" and cons["role"] == "both"
+    assert 0 < cons["whole"] <= 1 and 0 < cons["clips"] <= 1
+    assert cons["long_range"] is None  # 17 frames at 8 fps hold one 2 s clip: no cross-clip term
     segs = out["first_frame_consistency"]
     assert [s["start_s"] for s in segs] == [float(k) for k in range(len(segs))]  # smoke: 1 s segments
     assert segs[-1]["end_s"] == len(frames) / 8
@@ -85,9 +91,10 @@ def test_a_forgotten_revisit_shortens_the_effective_context(smoke_cfg):
         if lag == lags[-1]:
             forgetful[b] = 255 - forgetful[b]  # the longest-lag revisits show something else
     out = score_video(forgetful, 8.0, "pixels", revisits=pairs, cfg=smoke_cfg)
-    by_lag = {b["lag"]: b for b in out["revisit"]["by_lag"]}
-    assert by_lag[lags[-1]]["psnr"] < 20 and all(by_lag[lag]["mse"] == 0.0 for lag in lags[:-1])
-    assert out["effective_context_frames"] == lags[-2] and out["effective_context_is_lower_bound"] is False
+    by_lag = out["revisit"]["by_lag"]
+    assert by_lag[-1]["lag_max_s"] == lags[-1] / 8 and by_lag[-1]["retention"] < 0.5
+    assert all(b["mse"] == 0.0 for b in by_lag[:-1])
+    assert out["effective_context_s"] == lags[-2] / 8 and out["effective_context_is_lower_bound"] is False
 
 
 def test_scorer_aggregates_over_videos(smoke_cfg):
@@ -99,8 +106,10 @@ def test_scorer_aggregates_over_videos(smoke_cfg):
         scorer.score(frames, 8.0, [[0, len(frames), len(frames)]])  # rejected before any metric moves
     agg = scorer.aggregate()
     assert agg["videos"] == 2
-    mean = (a["subject_consistency"] + b["subject_consistency"]) / 2
-    assert agg["subject_consistency"] == pytest.approx(mean)
+    for term in ("whole", "clips"):
+        mean = (a["consistency"][0][term] + b["consistency"][0][term]) / 2
+        assert agg["consistency"][0][term] == pytest.approx(mean)
+    assert agg["consistency"][0]["long_range"] is None  # no video holds two clips
     assert agg["motion_smoothness"] == pytest.approx((a["motion_smoothness"] + b["motion_smoothness"]) / 2)
     first = [s["value"] * s["frames"] for s in a["first_frame_consistency"]]
     second = [s["value"] * s["frames"] for s in b["first_frame_consistency"]]
@@ -159,8 +168,8 @@ def test_cf_score_overrides_and_shared_revisit_file(tmp_path, capsys):
     shared.write_text(json.dumps({"revisits": pairs.tolist()}))
     # overrides go right after the paths (argparse gives later positionals no home)
     rc, out, _ = run_score(capsys, tmp_path / "a.gif", tmp_path / "b.gif", "bench.segment_s=0.5",
-                           "bench.context_factor=2", "--revisits", shared, "--backbone", "random")
-    assert rc == 0 and out["settings"]["segment_s"] == 0.5 and out["settings"]["context_factor"] == 2.0
+                           "bench.clip_s=1", "--revisits", shared, "--backbone", "random")
+    assert rc == 0 and out["settings"]["segment_s"] == 0.5 and out["settings"]["clip_s"] == 1.0
     assert out["backbone_label"] == "random (test only)"
     assert all(v["revisit"]["pairs"] == len(pairs) for v in out["videos"])
     assert out["aggregate"]["revisit"]["pairs"] == 2 * len(pairs)

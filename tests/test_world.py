@@ -12,7 +12,7 @@ from cf.errors import CfError
 from cf.registry import UnknownNameError
 from cf.video import read_video, to_float, to_uint8
 
-PATHS = ["pingpong", "random", "revisit"]
+PATHS = ["pingpong", "random", "revisit", "tour"]
 
 
 def cfg(preset="smoke", *overrides):
@@ -25,19 +25,21 @@ def test_revisit_pairs_are_exact_and_most_recent(path):
     clip = World(c.data, 3).render(120, start=17)
     assert len(clip.revisits) > 10
     cam = clip.camera.long()
-    subject_in_the_way = 0
+    subject_in_the_way, nonempty = 0, 0
     for i, (t1, t2, lag) in enumerate(clip.revisits):
         assert lag == t2 - t1 >= 2
         assert torch.equal(cam[t1], cam[t2])
         between = cam[t1 + 1 : t2]
         assert not (between == cam[t1]).all(1).any(), "t_first must be the most recent visit of the pose"
         mask = clip.revisit_mask(i)
-        assert torch.equal(mask, clip.background[t1] & clip.background[t2])
-        assert mask.any()
+        # background in both, and out of sight for at least half the lag (the pixels that test memory)
+        assert torch.equal(mask, clip.background[t1] & clip.background[t2] & (2 * clip.age[t2] >= lag))
+        assert not (mask & (clip.age[t2] < lag / 2)).any()
+        nonempty += int(mask.any())
         assert torch.equal(clip.video[t1][:, mask], clip.video[t2][:, mask])
         subject_in_the_way += int(not torch.equal(clip.video[t1], clip.video[t2]))
     # the subjects move, so whole frames do differ: the mask is what makes the pairs exact
-    assert subject_in_the_way > 0
+    assert subject_in_the_way > 0 and nonempty > len(clip.revisits) // 4
     assert np.array_equal(clip.revisit_masks(), np.stack([clip.revisit_mask(i).numpy()
                                                           for i in range(len(clip.revisits))]))
 
@@ -49,6 +51,30 @@ def test_revisit_path_produces_every_configured_lag(preset, lags, frames):
         clip = World(c.data, seed).render(frames)
         found = {lag for _, _, lag in clip.revisits}
         assert set(lags) <= found, (seed, sorted(found))
+
+
+@pytest.mark.parametrize("preset,seconds", [("smoke", 12.0), ("tiny", 40.0)])
+def test_tour_hides_each_end_for_the_longest_lag_while_moving(preset, seconds):
+    c = cfg(preset, "data.camera_path=tour")
+    long = int(round(seconds * c.data.fps))
+    c.data.revisit_lags = [long]
+    w = c.data.width
+    for seed in range(2):
+        clip = World(c.data, seed).render(3 * long)
+        xs = clip.camera[:, 0].long().numpy()
+        span = int(xs.max())
+        step = max(1, round(c.data.camera_speed))
+        assert xs.min() == 0 and span == clip.meta["panorama_width"] - w
+        assert np.abs(np.diff(xs)).max() <= step
+        assert (np.diff(xs) == 0).mean() < 0.1  # it pans: a hold only to land on time
+        for end in (0, span):
+            visits = np.flatnonzero(xs == end)
+            starts = visits[np.r_[True, np.diff(visits) > 1]]
+            seen = (xs < w) if end == 0 else (xs > span - w)  # views that overlap this end's
+            gaps = [b - a for a, b in zip(starts, starts[1:])
+                    if not seen[a + w // step + 1:b - w // step].any()]
+            assert long in gaps or long - 2 * (-(-span // step)) < 0, (seed, end, gaps)
+        assert max(lag for _, _, lag in clip.revisits) >= long
 
 
 def test_age_on_a_constructed_case():

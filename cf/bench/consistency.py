@@ -51,9 +51,10 @@ import torch
 from omegaconf import OmegaConf
 
 from cf import tracking
-from cf.bench import report, tables
+from cf.bench import report
 from cf.bench.entries import OWN, Entry, as_entry, generator_path, plan_entries
 from cf.errors import CfError
+from cf.metrics.columns import score_columns
 
 __all__ = [
     "OWN",
@@ -120,6 +121,7 @@ def run_consistency(
     from tqdm import tqdm
 
     from cf.metrics import VideoScorer, get_backbone
+    from cf.metrics.realism import config_reference
     from cf.utils import pick_device, set_threads
 
     entries = [as_entry(cfg, e) for e in entries]
@@ -128,12 +130,13 @@ def run_consistency(
     set_threads(cfg.trainer.threads)
     device = pick_device(cfg.device)
     scorer = VideoScorer(cfg, device=device)
+    seeds = [int(s) for s in cfg.bench.seeds]
+    scorer.attach_realism(config_reference(cfg, bench_world(cfg).data, seeds), stride=REALISM_STRIDE)
     extra = [
-        get_backbone(n, cfg.bench.weights)
+        get_backbone(n, cfg.bench.weights, clip_activation=cfg.bench.clip_activation)
         for n in dict.fromkeys(cfg.bench.table_backbones)
         if n != scorer.backbone.name
     ]
-    seeds = [int(s) for s in cfg.bench.seeds]
     single = len(entries) == 1
     top = entries[0] if single else None
     files: list[Path] = []
@@ -201,7 +204,7 @@ def _bench_entry(cfg, entry: Entry, seeds: list[int], scorer, extra, device, out
     videos, files, latencies, strip = [], [], [], None
     for seed in seeds:
         bar.set_postfix_str(f"{entry.name} seed {seed}: generating")
-        ecfg = copy.deepcopy(entry.cfg)
+        ecfg = bench_world(entry.cfg)
         ecfg.seed = seed  # the noise; the world comes from world_seed
         world_seed = cfg.data.eval_seed + seed
         timer = ChunkTimer(device)
@@ -210,10 +213,10 @@ def _bench_entry(cfg, entry: Entry, seeds: list[int], scorer, extra, device, out
         )
         latencies += timer.latencies
         frames = to_uint8(video[:n_frames])  # [T, H, W, 3]: scored as saved
-        clip = World(entry.cfg.data, world_seed).render(n_frames)
+        clip = World(ecfg.data, world_seed).render(n_frames)
         pairs, masks = generated_revisits(clip, n_ctx)
         bar.set_postfix_str(f"{entry.name} seed {seed}: scoring")
-        scores = scorer.score(frames, fps, pairs or None, masks if pairs else None)
+        scores = scorer.score(frames, fps, pairs or None, masks if pairs else None, clip.camera)
         for b in extra:
             curve = curves[b.name](embed_frames(b, torch.from_numpy(frames).to(device))[None], fps)
             scores[f"first_frame_{b.name}"] = _curve_rows(curve)
@@ -251,11 +254,26 @@ def _bench_entry(cfg, entry: Entry, seeds: list[int], scorer, extra, device, out
     return {"entry": entry, "row": row, "videos": videos, "agg": agg, "strip": strip, "files": files}
 
 
+def bench_world(cfg):
+    """A copy of `cfg` whose world moves as the benchmark's does: ``bench.camera_path`` (``tour``: revisit
+    lags out to ``bench.long_lag_s``). The training world is left as it is: only the camera path and its
+    longest lag change, the panorama, speed and subjects do not."""
+    out = copy.deepcopy(cfg)
+    out.data.camera_path = cfg.bench.camera_path
+    out.data.revisit_lags = [max(2, int(round(cfg.bench.long_lag_s * cfg.data.fps)))]
+    return out
+
+
+REALISM_STRIDE = 4  # every 4th generated frame enters the Fréchet distance (neighbours are near copies)
+
+
 def generated_revisits(clip, n_ctx: int) -> tuple[list[tuple[int, int, int]], np.ndarray]:
     """The world's revisit pairs whose revisit frame is generated (t_revisit >= n_ctx; between two clean
-    context frames a revisit is exact by construction), with their background masks [P, H, W]."""
-    keep = [i for i, (_, t2, _) in enumerate(clip.revisits) if t2 >= n_ctx]
-    return [clip.revisits[i] for i in keep], clip.revisit_masks()[keep]
+    context frames a revisit is exact by construction) and whose mask is not empty, with their masks
+    [P, H, W] (`Clip.revisit_masks`)."""
+    masks = clip.revisit_masks()
+    keep = [i for i, (_, t2, _) in enumerate(clip.revisits) if t2 >= n_ctx and masks[i].any()]
+    return [clip.revisits[i] for i in keep], masks[keep]
 
 
 def _curve_rows(curve: dict) -> list[dict]:
@@ -273,36 +291,7 @@ def _identity(entry: Entry) -> dict:
 
 def _score_columns(s: dict, backbone: str, extra) -> dict:
     """A VideoScorer result (one video or the aggregate) -> the flat columns of the row contract."""
-    quality = [
-        s["subject_consistency"],
-        s["background_consistency"],
-        s["motion_smoothness"],
-        s["dynamic_degree"],
-    ]
-    rv = s["revisit"] or {"psnr": None, "lpips": None, "by_lag": []}
-    bound = s["effective_context_is_lower_bound"]
-    cols = {
-        "subject_consistency": s["subject_consistency"],
-        "background_consistency": s["background_consistency"],
-        "motion_smoothness": s["motion_smoothness"],
-        "dynamic_degree": s["dynamic_degree"],
-        "total": None if None in quality else sum(quality) / len(quality),
-        "flow_magnitude": s["flow_magnitude"],
-        "drift_first_to_last": s["drift"]["first_to_last"],
-        "drift_slope_per_s": s["drift"]["slope_per_s"],
-        "effective_context_s": s["effective_context_s"],
-        "effective_context_is_lower_bound": None if bound is None else float(bound),
-        "revisit_psnr": rv["psnr"],
-        "revisit_lpips": rv["lpips"],
-    }
-    segments = {backbone: s["first_frame_consistency"]}
-    segments.update({b.name: s[f"first_frame_{b.name}"] for b in extra})
-    for name, rows in segments.items():
-        for seg in rows:
-            cols[tables.first_frame_column(name, round(seg["end_s"], 3))] = seg["value"]
-    for what in ("psnr", "lpips") if rv["lpips"] is not None else ("psnr",):
-        cols.update({tables.revisit_column(what, lag["lag"]): lag[what] for lag in rv["by_lag"]})
-    return {k: (math.nan if v is None else v) for k, v in cols.items()}
+    return score_columns(s, {b.name: s[f"first_frame_{b.name}"] for b in extra})
 
 
 def _collect(measured: list[dict], scorer, extra) -> BenchResult:

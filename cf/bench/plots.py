@@ -56,25 +56,37 @@ def first_frame_vs_time(df: pd.DataFrame, path: str | Path) -> Path:
 
 
 def revisit_vs_lag(df: pd.DataFrame, path: str | Path) -> Path:
-    """Revisit PSNR (and LPIPS where measured) against lag; lags in seconds where ``data.fps`` is known."""
-    psnr = tables.revisit_lags(df, "psnr")
-    if not psnr:
-        raise CfError("revisit_vs_lag: no revisit_psnr_lag_<L> columns in the rows")
-    lpips = [(lag, c) for lag, c in tables.revisit_lags(df, "lpips") if df[c].notna().any()]
-    fps = df["data.fps"].dropna().unique() if "data.fps" in df else []
-    scale, unit = (1.0 / float(fps[0]), "s") if len(fps) == 1 else (1.0, "frames")
-    panels = [("revisit PSNR (dB)", psnr)] + ([("revisit LPIPS", lpips)] if lpips else [])
+    """Memory against lag (seconds, log scale): retention (1 = reproduces, 0 = chance) with the level that
+    decides the effective context, and revisit PSNR beside the chance PSNR (dashed) it is read against."""
+    from cf.metrics.revisit import RETENTION_LEVEL
+
+    ret = tables.revisit_bins(df, "retention")
+    if not ret:
+        raise CfError("revisit_vs_lag: no revisit_retention_lag_<lo>-<hi>s columns in the rows")
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
-    for ax, (ylabel, series) in zip(axes[0], panels):
-        lags = [lag * scale for lag, _ in series]
-        for _, row in df.iterrows():
-            ax.plot(lags, [float(row[c]) for _, c in series], marker=".", label=tables.row_label(row))
-        ax.set_xlabel(f"revisit lag ({unit})")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("memory: error when the camera returns to a place it saw before", fontsize=10)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.0), squeeze=False)
+
+    def centre(lo, hi):
+        return np.sqrt(max(lo, 0.25) * hi) if np.isfinite(hi) else 1.25 * lo
+
+    for i, (_, row) in enumerate(df.iterrows()):
+        colour = f"C{i % 10}"
+        label = tables.row_label(row)
+        x = [centre(lo, hi) for lo, hi, _ in ret]
+        axes[0][0].plot(x, [float(row[c]) for _, _, c in ret], marker="o", color=colour, label=label)
+        for what, style in (("psnr", "-"), ("chance_psnr", "--")):
+            series = tables.revisit_bins(df, what)
+            axes[0][1].plot([centre(lo, hi) for lo, hi, _ in series], [float(row[c]) for _, _, c in series],
+                            style, marker=".", color=colour, label=label if what == "psnr" else None)
+    axes[0][0].axhline(RETENTION_LEVEL, color="grey", lw=0.8, ls=":")
+    axes[0][0].set_ylabel("retention (1 = remembers, 0 = chance)")
+    axes[0][1].set_ylabel("revisit PSNR (dB); dashed: chance")
+    for ax in axes[0]:
+        ax.set_xscale("log")
+        ax.set_xlabel("revisit lag (s)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle("memory: the camera returns to a place it showed `lag` seconds earlier", fontsize=10)
     return _save(fig, path)
 
 

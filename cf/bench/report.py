@@ -74,7 +74,10 @@ def write_results(result: BenchResult, out_dir: Path, scorer, entries: list[Entr
     info = scorer.describe()
     note = (
         f"{cfg.preset} preset, {cfg.bench.seconds:g} s per video, seeds {list(cfg.bench.seeds)}; "
-        f"backbone: {info['backbone_label']}; background: {info['background_backbone_label']}"
+        f"backbone: {info['backbone_label']}"
+        + ("" if info["background_backbone"] == info["backbone"]
+           else f"; background: {info['background_backbone_label']}")
+        + (f"; realism reference: {info['realism']['reference']}" if info.get("realism") else "")
     )
     if any(e.generator is None for e in entries):
         note += "; [untrained]: random weights, not a trained method"
@@ -88,9 +91,17 @@ def write_results(result: BenchResult, out_dir: Path, scorer, entries: list[Entr
             tables.table2(result.runs),
         ),
     }
-    if tables.revisit_lags(result.runs):
-        texts["revisit"] = ("Revisit PSNR (dB) by lag", tables.revisit_table(result.runs, "psnr"))
-        if tables.revisit_lags(result.runs, "lpips"):
+    if tables.revisit_bins(result.runs):
+        texts["revisit"] = (
+            "Revisit retention by lag (1 = reproduces what it showed, 0 = chance)",
+            tables.revisit_table(result.runs, "retention"),
+        )
+        texts["revisit_psnr"] = ("Revisit PSNR (dB) by lag", tables.revisit_table(result.runs, "psnr"))
+        texts["revisit_chance"] = (
+            "Chance PSNR (dB) by lag: the revisit frame against first visits of other places",
+            tables.revisit_table(result.runs, "chance_psnr"),
+        )
+        if tables.revisit_bins(result.runs, "lpips"):
             texts["revisit_lpips"] = (
                 f"Revisit LPIPS by lag ({info['lpips']})",
                 tables.revisit_table(result.runs, "lpips"),
@@ -130,7 +141,7 @@ def write_plots(result: BenchResult, measured: list[dict], out_dir: Path, cfg) -
     times = plots.strip_times(seconds, float(cfg.bench.segment_s))
     truth = measured[0]["strip"][1]
     files = [plots.first_frame_vs_time(result.runs, pl / "first_frame.png")]
-    if tables.revisit_lags(result.runs):
+    if tables.revisit_bins(result.runs):
         files.append(plots.revisit_vs_lag(result.runs, pl / "revisit.png"))
     rows = [("world (truth)", truth)] + [(m["entry"].label, m["strip"][0]) for m in measured]
     seed = int(cfg.bench.seeds[0])

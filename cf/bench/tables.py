@@ -5,66 +5,36 @@ same numbers to MLflow as ``bench/<column>`` metrics, so a DataFrame built from 
 names without the ``bench/`` prefix, tags and params as extra columns) renders with the same functions.
 
 The row contract: one row per benchmarked generator (method x memory policy x weights). Column names
-are MLflow-safe (no '@'), so ``bench/<column>`` is stored exactly as written.
+are MLflow-safe (no '@'), so ``bench/<column>`` is stored exactly as written; the score columns are
+named by `cf.metrics.columns` (the one place that names scores, for the benchmark and the stage
+evaluations alike).
 
 Identity (strings):
   ``method``       self_forcing | longlive | context_forcing (the MLflow tag `method`)
   ``memory``       full | sliding | sink | slowfast (the MLflow tag `memory`)
   ``weights``      optional: ``trained`` or ``untrained`` (MLflow tag `weights`); untrained rows are
                    labelled "[untrained]" in every table
-  ``data.fps``     optional (MLflow param): frames per second of world time; adds lags in seconds
+  ``data.fps``     optional (MLflow param)
 
-Scores (floats; NaN or missing = not measured, shown as "-"). Consistencies are cosines in [0, 1]
-and are shown x100 as in the paper:
-  ``first_frame_<backbone>_at_<T>s``  first-frame consistency of the segment ending at T seconds, per
-                                   feature backbone (e.g. ``first_frame_imagenet_at_10s``); Table 1
-  ``subject_consistency``, ``background_consistency``  VBench's formula (BG / Subj)
-  ``motion_smoothness``, ``dynamic_degree``             VBench-style, in [0, 1]
-  ``total``                        mean of the four VBench-style scores above (cf's stand-in for
-                                   VBench's 16-dimension Total)
-  ``drift_first_to_last``, ``drift_slope_per_s``        change of the first-frame curve (main backbone)
-  ``effective_context_s``          revisit-based effective context; ``effective_context_is_lower_bound``
-                                   (1 = every measured lag passed, so the context is at least this)
-  ``revisit_psnr``, ``revisit_lpips``                   over all revisit pairs
-  ``revisit_psnr_lag_<L>``, ``revisit_lpips_lag_<L>``   per revisit lag of L frames
-  ``fps``                          video frames per second measured while generating
-  ``ms_per_chunk``                 median wall milliseconds per chunk
+Scores: see `cf.metrics.columns`; also ``fps`` (video frames per second while generating) and
+``ms_per_chunk`` (median wall milliseconds per chunk).
 """
 
 from __future__ import annotations
 
 import math
-import re
 
 import pandas as pd
 
 from cf.errors import CfError
+from cf.metrics import columns
 
-FIRST_FRAME = re.compile(r"^first_frame_(?P<backbone>[a-z0-9]+)_at_(?P<t>\d+(?:\.\d+)?)s$")
-REVISIT_LAG = re.compile(r"^revisit_(?P<what>psnr|lpips)_lag_(?P<lag>\d+)$")
 IDENTITY = ("method", "memory")
-
-# Table 2 (summary) columns: (row column, header, format, scale)
-SUMMARY = (
-    ("fps", "FPS", ".1f", 1.0),
-    ("total", "Total", ".2f", 100.0),
-    ("background_consistency", "BG", ".2f", 100.0),
-    ("subject_consistency", "Subj", ".2f", 100.0),
-    ("dynamic_degree", "Dynamic", ".2f", 100.0),
-    ("motion_smoothness", "Smooth", ".2f", 100.0),
-    ("drift_first_to_last", "Drift", "+.2f", 100.0),
-    ("effective_context_s", "Context (s)", ".2f", 1.0),
-)
+ROLE_HEAD = {"both": "Consist.", "subject": "Subj", "background": "BG"}
 
 
 def first_frame_column(backbone: str, t: float) -> str:
-    """The column (and ``bench/`` metric) name of first-frame consistency at segment end `t` s."""
-    return f"first_frame_{backbone}_at_{t:g}s"
-
-
-def revisit_column(what: str, lag: int) -> str:
-    """The column name of the revisit `what` (psnr | lpips) at a lag of `lag` frames."""
-    return f"revisit_{what}_lag_{int(lag)}"
+    return columns.first_frame_column(backbone, t)
 
 
 def fmt(value, spec: str = ".2f", scale: float = 1.0) -> str:
@@ -96,18 +66,23 @@ def first_frame_columns(df: pd.DataFrame) -> dict[str, list[tuple[float, str]]]:
     """{backbone: [(segment end s, column), ...] sorted by time}, backbones in column order."""
     out: dict[str, list[tuple[float, str]]] = {}
     for col in df.columns:
-        m = FIRST_FRAME.match(str(col))
+        m = columns.FIRST_FRAME.match(str(col))
         if m:
             out.setdefault(m["backbone"], []).append((float(m["t"]), str(col)))
     return {b: sorted(v) for b, v in out.items()}
 
 
-def revisit_lags(df: pd.DataFrame, what: str = "psnr") -> list[tuple[int, str]]:
-    """[(lag in frames, column), ...] sorted by lag for the revisit measure `what`."""
-    found = [
-        (int(m["lag"]), str(c)) for c in df.columns if (m := REVISIT_LAG.match(str(c))) and m["what"] == what
-    ]
-    return sorted(found)
+def consistency_heads(df: pd.DataFrame, term: str = "clips") -> list[tuple[str, str]]:
+    """[(column, header)] of the consistency columns of `term` in the rows: one column named after its
+    backbone when one backbone computes both of VBench's consistencies, else BG and Subj."""
+    found = [(c, role, bb) for c, role, bb, t in columns.consistency_columns(df.columns) if t == term]
+    suffix = {"clips": "", "long_range": " long-range", "whole": " whole"}[term]
+    return [(c, f"{ROLE_HEAD[role]}{suffix} ({bb})") for c, role, bb in found]
+
+
+def revisit_bins(df: pd.DataFrame, what: str = "retention") -> list[tuple[float, float, str]]:
+    """[(lo_s, hi_s, column)] of the revisit lag bins measured for `what`, sorted by lag."""
+    return [b for b in columns.revisit_bins(df.columns, what) if df[b[2]].notna().any()]
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -116,8 +91,13 @@ def markdown(table: pd.DataFrame) -> str:
     return table.to_markdown(index=False, disable_numparse=True, colalign=align) + "\n"
 
 
+def _cells(df: pd.DataFrame, col: str, spec: str, scale: float) -> list[str]:
+    return [fmt(v, spec, scale) for v in df[col]] if col in df else ["-"] * len(df)
+
+
 def table1(df: pd.DataFrame) -> str:
-    """Table 1: first-frame consistency (x100) per segment end, per backbone, then BG / Subj."""
+    """Table 1: first-frame consistency (x100) per segment end, per backbone, then the consistency columns
+    (VBench-Long, and its long-range term)."""
     _check(df, "table 1")
     cols = first_frame_columns(df)
     if not cols:
@@ -125,38 +105,49 @@ def table1(df: pd.DataFrame) -> str:
     out = {"model": [row_label(r) for _, r in df.iterrows()]}
     for backbone, series in cols.items():
         for t, col in series:
-            out[f"{backbone} @{t:g}s"] = [fmt(v, ".2f", 100.0) for v in df[col]]
-    for col, head in (("background_consistency", "BG"), ("subject_consistency", "Subj")):
-        out[head] = [fmt(v, ".2f", 100.0) for v in df[col]] if col in df else ["-"] * len(df)
+            out[f"{backbone} @{t:g}s"] = _cells(df, col, ".2f", 100.0)
+    for term in ("clips", "long_range"):
+        for col, head in consistency_heads(df, term):
+            out[head] = _cells(df, col, ".2f", 100.0)
     return markdown(pd.DataFrame(out))
 
 
 def table2(df: pd.DataFrame) -> str:
-    """Table 2-style summary: FPS, Total, BG, Subj, Dynamic, Smooth (x100), Drift (x100, first to last
-    segment), effective context in seconds ("≥" where only a lower bound)."""
+    """Table 2-style summary: FPS, Total, the consistency columns (x100), Dynamic, Smooth, Drift (x100,
+    first to last segment), realism (Fréchet distance, lower is better), revisit retention over all pairs
+    and the effective context in seconds ("≥" where only a lower bound)."""
     _check(df, "table 2")
     out = {"model": [row_label(r) for _, r in df.iterrows()]}
-    for col, head, spec, scale in SUMMARY:
-        cells = [fmt(v, spec, scale) for v in df[col]] if col in df else ["-"] * len(df)
-        if col == "effective_context_s" and "effective_context_is_lower_bound" in df:
-            bound = df["effective_context_is_lower_bound"].tolist()
-            cells = [f"≥{c}" if c != "-" and b == 1 else c for c, b in zip(cells, bound)]
-        out[head] = cells
+    out["FPS"] = _cells(df, "fps", ".1f", 1.0)
+    out["Total"] = _cells(df, "total", ".2f", 100.0)
+    for term in ("clips", "long_range"):
+        for col, head in consistency_heads(df, term):
+            out[head] = _cells(df, col, ".2f", 100.0)
+    out["Dynamic"] = _cells(df, "dynamic_degree", ".2f", 100.0)
+    out["Smooth"] = _cells(df, "motion_smoothness", ".2f", 100.0)
+    out["Drift"] = _cells(df, "drift_first_to_last", "+.2f", 100.0)
+    for col in df.columns:
+        m = columns.REALISM.match(str(col))
+        if m:
+            out[f"FD ({m['backbone']})"] = _cells(df, col, ".1f", 1.0)
+    out["Retention"] = _cells(df, "revisit_retention", ".2f", 1.0)
+    cells = _cells(df, "effective_context_s", ".2f", 1.0)
+    if "effective_context_is_lower_bound" in df:
+        bound = df["effective_context_is_lower_bound"].tolist()
+        cells = [f"≥{c}" if c != "-" and b == 1 else c for c, b in zip(cells, bound)]
+    out["Context (s)"] = cells
     return markdown(pd.DataFrame(out))
 
 
-def revisit_table(df: pd.DataFrame, what: str = "psnr") -> str:
-    """Revisit error by lag: one row per lag (frames, and seconds where ``data.fps`` is known), one
-    column per model; PSNR in dB (1 decimal) or LPIPS (3 decimals)."""
+def revisit_table(df: pd.DataFrame, what: str = "retention") -> str:
+    """A revisit measure by lag bin: one row per bin (seconds), one column per model; retention (2
+    decimals), PSNR / chance PSNR in dB (1 decimal) or LPIPS (3 decimals)."""
     _check(df, "revisit table")
-    lags = revisit_lags(df, what)
-    if not lags:
-        raise CfError(f"revisit table: no revisit_{what}_lag_<L> columns in the rows")
-    fps = df["data.fps"].dropna().unique() if "data.fps" in df else []
-    spec = ".1f" if what == "psnr" else ".3f"
-    out: dict[str, list[str]] = {"lag (frames)": [str(lag) for lag, _ in lags]}
-    if len(fps) == 1:
-        out["lag (s)"] = [f"{lag / float(fps[0]):g}" for lag, _ in lags]
+    bins = revisit_bins(df, what)
+    if not bins:
+        raise CfError(f"revisit table: no revisit_{what}_lag_<lo>-<hi>s columns in the rows")
+    spec = {"retention": ".2f", "lpips": ".3f"}.get(what, ".1f")
+    out: dict[str, list[str]] = {"lag (s)": [f"{lo:g}-{hi:g}" for lo, hi, _ in bins]}
     for _, r in df.iterrows():
-        out[row_label(r)] = [fmt(r[col], spec) for _, col in lags]
+        out[row_label(r)] = [fmt(r[col], spec) for _, _, col in bins]
     return markdown(pd.DataFrame(out))

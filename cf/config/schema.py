@@ -215,7 +215,15 @@ class BenchConfig:
     # gelu | quick_gelu, for a CLIP state dict that comes without a config (see docs/weights.md)
     clip_activation: str | None = None
     lpips: bool = True
-    context_factor: float = 1.5  # effective context: largest lag with error <= factor * short-lag error
+    clip_s: float = 2.0  # VBench-Long clip length: consistency is the mean of per-clip scores
+    realism_backbone: str = "imagenet"  # features of the realism Fréchet distance (dino / clip with weights)
+    realism_clips: int = 16  # real clips of the world (other seeds) in the benchmark's realism reference
+    flow: str = "lk"  # dynamic degree's optical flow: lk (built in) | raft_small | raft_large
+    flow_weights: str | None = None  # RAFT weights (a torchvision .pth / .safetensors file or its folder)
+    # The benchmark's camera: `tour` leaves each end of the panorama and comes back much later, so revisit
+    # lags reach `long_lag_s` (pingpong, the training path, never returns later than 2 panorama widths)
+    camera_path: str = "tour"
+    long_lag_s: float = 40.0  # the longest revisit lag the tour schedules (seconds)
     # more backbones whose first-frame consistency Table 1 also reports (bench.backbone always comes first)
     table_backbones: list[str] = field(default_factory=list)
     # `cf bench consistency` benchmarks every method x policy (generators from runs/<preset>/...);

@@ -24,7 +24,8 @@ CHUNK = 256  # positions per chunk of the closed-form and random-walk paths
 class PathSpec:
     span: int  # largest x: panorama width - frame width
     speed: float  # pixels per frame
-    lags: tuple[int, ...]  # revisit lags the `revisit` path must produce
+    lags: tuple[int, ...]  # revisit lags the `revisit` path must produce (`tour`: the longest one)
+    view: int = 0  # frame width: what the camera sees from x is [x, x + view)
 
 
 @dataclass(frozen=True)
@@ -117,8 +118,73 @@ def revisit(spec: PathSpec, rng: np.random.Generator) -> Iterator[list[int]]:
             yield path
 
 
+def _travel(x: int, target: int, step: int) -> list[int]:
+    """Positions from x (exclusive) to target (inclusive) at `step` px per frame, landing exactly."""
+    out = []
+    while x != target:
+        x += int(np.sign(target - x)) * min(step, abs(target - x))
+        out.append(x)
+    return out
+
+
+def _wander(x: int, n: int, lo: int, hi: int, step: int, rng: np.random.Generator) -> list[int]:
+    """n positions in [lo, hi] that start next to x and end back on x: a pan with random turns (10 % per
+    frame, and at the ends), holding still only when it must to land on time."""
+    out, home, d = [], x, int(rng.choice((-1, 1)))
+    for i in range(n):
+        left, dist = n - i, -(-abs(home - x) // step)  # frames left, frames needed to get home
+        if dist >= left:  # head home
+            x += int(np.sign(home - x)) * min(step, abs(home - x))
+        elif dist == left - 1:
+            pass  # one frame to spare: hold, so the last frame lands on home
+        else:
+            if rng.random() < 0.1 or not lo <= x + d * step <= hi:
+                d = -d
+            if lo <= x + d * step <= hi:
+                x += d * step
+        out.append(x)
+    return out
+
+
+def tour(spec: PathSpec, rng: np.random.Generator) -> Iterator[list[int]]:
+    """Long revisit lags with the camera always moving: the camera alternates between the two ends of the
+    panorama, A (x = 0) and B (x = span). Arriving at one end, it makes 1-3 excursions from it into the
+    middle zone that shows neither end (each returns to the end at a drawn lag), then crosses to the other
+    end, which it reaches exactly L = max(spec.lags) frames after it last left it. So each end's view is
+    out of sight for L frames (the longest lag), the excursions add middle lags and the pans inside the
+    zone short ones. Needs a panorama at least 3 frame widths wide (a zone that sees neither end)."""
+    step, span, view = _step(spec), spec.span, spec.view
+    lo, hi = view, span - view  # the zone whose views overlap neither end's
+    long = max(spec.lags)
+    x = 0
+    yield [x]
+    while True:
+        cross = _travel(x, span - x, step)
+        yield cross
+        x = cross[-1]
+        fill = long - 2 * len(cross)  # frames at this end before crossing back
+        into = _travel(x, hi if x == span else lo, step)  # the legs between the end and the zone
+        parts = []
+        least = 2 * len(into) + 2 * step  # an excursion's legs, and a little panning in the zone
+        for n in range(3, 0, -1):  # as many excursions as fit
+            if fill >= n * least:
+                w = rng.dirichlet(np.full(n, 2.0))
+                parts = least + np.floor(w * (fill - n * least)).astype(int)
+                parts[-1] += fill - parts.sum()
+                break
+        if not len(parts):
+            yield [x] * fill if fill > 0 else []
+            continue
+        for lag in parts:
+            lag = int(lag)
+            out = _travel(x, hi if x == span else lo, step)
+            zone = _wander(out[-1], lag - 2 * len(out), lo, hi, step, rng)
+            yield out + zone + _travel(zone[-1] if zone else out[-1], x, step)
+
+
 CAMERA_PATHS.add("pingpong", CameraPath(pingpong, "pans back and forth at {speed:g} pixels per frame"))
 CAMERA_PATHS.add("random", CameraPath(random_walk, "wanders at about {speed:g} pixels per frame, pausing "
                                                    "and turning back at random"))
+CAMERA_PATHS.add("tour", CameraPath(tour, "pans back and forth at {speed:g} pixels per frame"))
 CAMERA_PATHS.add("revisit", CameraPath(revisit, "leaves places and comes back to them, moving at "
                                                 "{speed:g} pixels per frame"))

@@ -43,18 +43,21 @@ class Clip:
     meta: dict[str, Any] = field(default_factory=dict)  # scene description (regions, landmarks, ...)
 
     def revisit_mask(self, i: int):
-        """bool ``[H, W]``: pixels of revisit `i` that must match (background in both frames)."""
-        t1, t2, _ = self.revisits[i]
-        return self.background[t1] & self.background[t2]
+        """bool ``[H, W]``: pixels of revisit `i` that must match: background in both frames and out of
+        sight for at least half the lag (a pose revisit of lag L also shows places seen a frame ago,
+        which only test copying; the pixels that come back after about L frames test memory)."""
+        import torch
+
+        return torch.from_numpy(self.revisit_masks()[i])
 
     def revisit_masks(self):
         """bool ``[n_revisits, H, W]`` (numpy), one `revisit_mask` per revisit pair."""
         h, w = self.background.shape[1:]
         if not self.revisits:
             return np.zeros((0, h, w), bool)
-        bg = self.background.numpy()
-        t1, t2 = np.array([r[:2] for r in self.revisits]).T
-        return bg[t1] & bg[t2]
+        bg, age = self.background.numpy(), self.age.numpy()
+        t1, t2, lag = np.array(self.revisits).T
+        return bg[t1] & bg[t2] & (2 * age[t2] >= lag[:, None, None])
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -108,7 +111,7 @@ class World:
         self.pano_width = int(round(d.pano_frames * d.width))
         self.camera_path = str(d.camera_path)
         spec = PathSpec(span=self.pano_width - self.width, speed=float(d.camera_speed),
-                        lags=tuple(int(x) for x in d.revisit_lags))
+                        lags=tuple(int(x) for x in d.revisit_lags), view=self.width)
         _check(d, spec, self.pano_width)
         streams = seed_sequence(self.seed).spawn(5)
         pano_rng, land_rng, subj_rng, cam_rng = (np.random.default_rng(s) for s in streams[:4])
@@ -284,6 +287,10 @@ def _check(d, spec: PathSpec, pano_width: int) -> None:
         )
     if d.n_landmarks < 0 or d.n_subjects < 0:
         raise CfError(f"data.n_landmarks={d.n_landmarks} and data.n_subjects={d.n_subjects} must be >= 0")
-    if d.camera_path == "revisit" and (not spec.lags or min(spec.lags) < 2):
+    if d.camera_path == "tour" and spec.span < 2 * spec.view:
+        raise CfError(f"data.camera_path=tour needs a panorama at least 3 frames wide (a middle zone that "
+                      f"sees neither end); data.pano_frames={d.pano_frames} gives {pano_width} px for "
+                      f"{d.width} px frames: raise data.pano_frames")
+    if d.camera_path in ("revisit", "tour") and (not spec.lags or min(spec.lags) < 2):
         raise CfError(f"data.revisit_lags={list(spec.lags)}: the revisit path needs at least one lag, "
                       "all >= 2")

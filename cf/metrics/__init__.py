@@ -4,7 +4,10 @@
   clip; random for tests).
 - `cf.metrics.consistency`: `FirstFrameConsistency`, `Drift`, `VBenchConsistency`.
 - `cf.metrics.motion`: `MotionSmoothness`, `DynamicDegree`.
-- `cf.metrics.revisit`: `RevisitError`, `effective_context`, `AgeBinnedError`.
+- `cf.metrics.revisit`: `RevisitError` (revisit error, chance and retention by lag), `effective_context`,
+  `AgeBinnedError`, `RegionError`.
+- `cf.metrics.realism`: `FrechetDistance`, `world_reference`, `folder_reference` (realism).
+- `cf.metrics.columns`: `score_columns`, the one naming of every score for tables and MLflow.
 - `cf.metrics.lpips_net`: `Lpips`, `lpips_or_reason` (trunk from a local file only).
 - `cf.metrics.score`: `VideoScorer`, `score_video`, `read_sidecar` (what `cf score` runs).
 
@@ -18,7 +21,10 @@ _EXPORTS = {
     "BACKBONES": "backbones", "get_backbone": "backbones", "embed_frames": "backbones",
     "FirstFrameConsistency": "consistency", "Drift": "consistency", "VBenchConsistency": "consistency",
     "MotionSmoothness": "motion", "DynamicDegree": "motion",
-    "RevisitError": "revisit", "AgeBinnedError": "revisit", "effective_context": "revisit",
+    "RevisitError": "revisit", "AgeBinnedError": "revisit", "RegionError": "revisit",
+    "effective_context": "revisit",
+    "FrechetDistance": "realism", "world_reference": "realism", "folder_reference": "realism",
+    "score_columns": "columns",
     "Lpips": "lpips_net", "lpips_or_reason": "lpips_net",
     "VideoScorer": "score", "score_video": "score", "read_sidecar": "score",
 }

@@ -16,7 +16,13 @@ Definitions (d_t: the L2-normalised feature of frame t, t = 0..T-1):
   Undefined (NaN) with fewer than two segments. Negative = losing consistency.
 - VBench consistency (subject with DINO, background with CLIP in VBench):
   S = 1/(T-1) * sum_{t=1..T-1} 0.5 * (max(0, cos(d_0, d_t)) + max(0, cos(d_{t-1}, d_t))),
-  averaged over videos.
+  averaged over videos. `VBenchConsistency` reports it three ways:
+  ``whole``: S over the whole video (VBench on a short video);
+  ``clips``: VBench-Long's score, the mean of S over consecutive clips of `clip_s` seconds (2 s; a last
+  clip shorter than 2 frames is dropped), so it only sees change within 2 s;
+  ``long_range``: VBench-Long's cross-clip term, S over the sequence of the clips' first frames (each
+  clip's keyframe against the first clip's and the previous clip's): the only one of the three that
+  sees a 60 s video lose its first scene. VBench-Long weights it 0 unless asked; cf reports it apart.
 """
 
 from __future__ import annotations
@@ -123,23 +129,44 @@ class Drift(FirstFrameConsistency):
         return {"first_to_last": torch.tensor(first_last), "slope_per_s": torch.tensor(slope)}
 
 
+def vbench_long(features: torch.Tensor, fps: float, clip_s: float) -> dict[str, torch.Tensor]:
+    """[B, T, D] normalised features -> {whole, clips, long_range}, each [B] (NaN where undefined:
+    long_range needs two clips)."""
+    b, t = features.shape[:2]
+    n = max(2, int(round(clip_s * fps)))  # frames per clip
+    starts = [s for s in range(0, t, n) if min(s + n, t) - s >= 2]
+    clips = torch.stack([vbench_consistency(features[:, s:s + n]) for s in starts], 1).mean(1)
+    keys = features[:, starts]  # [B, clips, D]
+    cross = vbench_consistency(keys) if len(starts) >= 2 else torch.full((b,), math.nan, device=keys.device)
+    return {"whole": vbench_consistency(features), "clips": clips, "long_range": cross}
+
+
 class VBenchConsistency(Metric):
-    """VBench subject / background consistency, the mean of the per-video S over videos."""
+    """VBench subject / background consistency, the mean over videos of the per-video S; `compute` ->
+    {whole, clips, long_range} (see the module docstring)."""
 
     full_state_update = False
     higher_is_better = True
     is_differentiable = False
+    TERMS = ("whole", "clips", "long_range")
 
-    def __init__(self, backbone=None, **kwargs):
+    def __init__(self, backbone=None, clip_s: float = 2.0, **kwargs):
         super().__init__(**kwargs)
-        self.backbone = backbone
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("videos", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        if not clip_s > 0:
+            raise CfError(f"clip_s={clip_s} must be positive (seconds per VBench-Long clip, e.g. 2)")
+        self.backbone, self.clip_s = backbone, float(clip_s)
+        for term in self.TERMS:
+            self.add_state(term, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(f"{term}_videos", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, x: torch.Tensor) -> None:
-        s = vbench_consistency(_features(x, self.backbone, type(self).__name__))
-        self.total += s.double().sum()
-        self.videos += s.numel()
+    def update(self, x: torch.Tensor, fps: float) -> None:
+        scores = vbench_long(_features(x, self.backbone, type(self).__name__), fps, self.clip_s)
+        for term, s in scores.items():
+            ok = ~torch.isnan(s)
+            setattr(self, term, getattr(self, term) + s[ok].double().sum())
+            setattr(self, f"{term}_videos", getattr(self, f"{term}_videos") + int(ok.sum()))
 
-    def compute(self) -> torch.Tensor:
-        return self.total / self.videos
+    def compute(self) -> dict[str, torch.Tensor]:
+        nan = torch.tensor(math.nan, dtype=torch.float64)
+        return {term: getattr(self, term) / getattr(self, f"{term}_videos") if getattr(self, f"{term}_videos")
+                else nan for term in self.TERMS}

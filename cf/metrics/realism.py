@@ -341,3 +341,14 @@ def folder_reference(path, *, max_frames: int | None = None, stride: int = 1,
     key = {"version": CACHE_VERSION, "backbone_label": bb.label, "files": files_key, **description}
     ref = _cached(cache_dir, key, description, lambda: _accumulate(bb, videos, batch_size, device))
     return Reference(ref.stats, {**ref.description, "frames": ref.stats.n})
+
+
+def config_reference(cfg, data_cfg, seeds) -> Reference:
+    """The realism reference of a run: `bench.realism_clips` real clips of the world `data_cfg` (the
+    benchmark's or the evaluation's) from reference seeds, never the evaluated worlds
+    ``data.eval_seed + k`` for k in `seeds`, with `bench.realism_backbone` features, cached under
+    ``<out>/cache/realism``."""
+    return world_reference(data_cfg, clips=int(cfg.bench.realism_clips), backbone=cfg.bench.realism_backbone,
+                           weights=cfg.bench.weights, exclude_seeds=[cfg.data.eval_seed + k for k in seeds],
+                           cache_dir=Path(cfg.out) / "cache" / "realism")
+

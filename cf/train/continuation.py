@@ -12,7 +12,8 @@ for its diversity (up to 3 dB against the mean where it is unsure); the baseline
 PSNR is pooled over pixels in regions defined by the world's ground truth `age` (how many frames
 ago a background pixel was last visible): `recent` (seen inside the short window), `memory` (seen
 only before the short window: only a model that remembers can get these right) and `never` (new
-content). `by_age` pools by age bins, the revisit-error-vs-lag curve.
+content), and by age bins (the revisit-error-vs-lag curve), through `cf.metrics.revisit`'s
+`RegionError` and `AgeBinnedError`: the same pooling and PSNR as every other score of the suite.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from cf.diffusion import build_sampler, euler
 from cf.memory import KVCache, build_policy
+from cf.metrics.revisit import AgeBinnedError, RegionError
 from cf.model import CausalVideoDiT
 from cf.rollout import rollout
 
@@ -69,15 +71,9 @@ def continue_clips(net: CausalVideoDiT, cfg, video: Tensor, camera: Tensor, prom
                    guidance=cfg.diffusion.cfg_scale).video
 
 
-PSNR_CAP = 100.0  # dB reported for an exact match (keeps results valid JSON)
-
-
-def _psnr(se_sum: float, n: int) -> float | None:
-    """Pooled PSNR in dB for data in [-1, 1] (peak^2 = 4); None for an empty region."""
-    if n == 0:
-        return None
-    mse = se_sum / n
-    return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * math.log10(4.0 / mse))
+def _psnr(value) -> float | None:
+    value = float(value)
+    return None if math.isnan(value) else value
 
 
 def evaluate(net: CausalVideoDiT, cfg, batches, short_frames: int = 4) -> dict:
@@ -92,7 +88,10 @@ def evaluate(net: CausalVideoDiT, cfg, batches, short_frames: int = 4) -> dict:
     n_chunks = cfg.teacher.target_chunks
     n_tgt = n_chunks * chunk
     policies = {"long": _policy(cfg, "full"), "short": _policy(cfg, "sliding", short_frames + chunk)}
-    sums: dict[str, dict[str, list[float]]] = {}
+    edges = [lo for lo, _ in AGE_BINS]  # AgeBinnedError bin i >= 1: edges[i-1] <= age < edges[i]
+    age_names = [f"age{lo}-{hi if hi < 10**9 else 'inf'}" for lo, hi in AGE_BINS]
+    region_err: dict[str, RegionError] = {}
+    age_err: dict[str, AgeBinnedError] = {}
     example = None
     dev = next(net.parameters()).device
     for bi, batch in enumerate(batches):
@@ -109,8 +108,6 @@ def evaluate(net: CausalVideoDiT, cfg, batches, short_frames: int = 4) -> dict:
             "memory": (age >= 1) & (t_abs - age < n_ctx - short_frames),
             "never": age < 0,
         }
-        for lo, hi in AGE_BINS:
-            regions[f"age{lo}-{hi if hi < 10**9 else 'inf'}"] = (age >= lo) & (age <= hi)
         preds = {
             name + ("_mean" if mean else ""): continue_clips(net, cfg, video, camera, batch["prompt"], n_ctx,
                                                              n_chunks, pol, seed=bi, mean=mean)
@@ -120,15 +117,19 @@ def evaluate(net: CausalVideoDiT, cfg, batches, short_frames: int = 4) -> dict:
                                          camera[:, n_ctx:n_ctx + n_tgt])
         preds["copy_last"] = video[:, n_ctx - 1:n_ctx].expand_as(truth)
         for name, pred in preds.items():
-            se = (pred.float() - truth.float()).pow(2).mean(2)  # [B, T, H, W] over channels
-            acc = sums.setdefault(name, {})
-            for r, m in regions.items():
-                s, n = acc.get(r, [0.0, 0])
-                acc[r] = [s + float(se[m].sum()), n + int(m.sum())]
+            pred = pred.float()
+            region_err.setdefault(name, RegionError(list(regions))).update(pred, truth.float(), regions)
+            age_err.setdefault(name, AgeBinnedError(edges)).update(pred, truth.float(), age)
         if example is None:
             example = {"context": video[0, n_ctx - 4:n_ctx].cpu(), "truth": truth[0].cpu(),
                        **{k: v[0].cpu() for k, v in preds.items()}}
-    out: dict = {"pixels": {r: n for r, (_, n) in sums["long"].items()}, "frames": example}
-    for name, acc in sums.items():
-        out[name] = {r: _psnr(s, n) for r, (s, n) in acc.items()}
+    out: dict = {"frames": example}
+    for name in region_err:
+        by_region = region_err[name].compute()
+        by_age = age_err[name].compute()  # "never" first, then one entry per age bin
+        out[name] = {r: _psnr(v["psnr"]) for r, v in by_region.items()}
+        out[name].update({a: _psnr(p) for a, p in zip(age_names, by_age["psnr"][1:])})
+        if "pixels" not in out:
+            out["pixels"] = {r: int(v["pixels"]) for r, v in by_region.items()}
+            out["pixels"].update({a: int(n) for a, n in zip(age_names, by_age["pixels"][1:])})
     return out
