@@ -3,7 +3,8 @@
 - `ensure_store(uri)`: the first connection of each process to a sqlite store happens under a file
   lock (`<db dir>/mlruns/.<db name>.lock`), so when two processes start on a store that does not
   exist yet one creates and migrates it and the other waits (MLflow's own migrations are not safe to
-  run twice at once: `table _alembic_tmp_tags already exists`, a store left unusable).
+  run twice at once: `table _alembic_tmp_tags already exists`, a store left unusable). A new store
+  is built under a temporary name and renamed into place, so a kill mid-migration cannot break it.
 - `close_dead_pipelines`: pipeline runs of a run folder that are still RUNNING while this process
   holds that folder's lock belong to a killed process: they and their RUNNING stage runs are marked
   KILLED, whatever the moment of the kill.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import socket
 import sys
 import time
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from cf.errors import CfError
-from cf.faults import is_disk_full, one_line
+from cf.faults import failpoint, is_disk_full, one_line
 
 RUN_DIR_TAG = "cf.run_dir"  # host:absolute run folder of a pipeline run (which lock it ran under)
 RECORD_FILE = "mlflow_run.json"
@@ -54,6 +56,20 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):].split("?")[0]) if uri.startswith("sqlite:///") else None
 
 
+def _create_sqlite(db: Path) -> None:
+    """Create and migrate a new sqlite store under a temporary name, then rename it into place: a kill
+    during MLflow's migrations (seconds) then leaves a temporary file, never a half-created store."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from cf.tracking import artifact_location
+
+    tmp = db.with_name(f".{db.name}.creating-{os.getpid()}")
+    created = SqlAlchemyStore(f"sqlite:///{tmp}", artifact_location(f"sqlite:///{db}"))
+    created.engine.dispose()
+    failpoint("store.created")
+    os.replace(tmp, db)
+
+
 def ensure_store(uri: str) -> None:
     """Create (or open) the store at `uri` once per process, under a file lock for sqlite stores."""
     if uri in _ready:
@@ -67,6 +83,10 @@ def ensure_store(uri: str) -> None:
             raise CfError(f"cannot create the MLflow store {str(db)!r}: {e.strerror or e}; {fix}") from None
         with locked(db.parent / "mlruns" / f".{db.name}.lock"):
             try:
+                for leftover in db.parent.glob(f".{db.name}.creating-*"):  # a creation a kill stopped
+                    leftover.unlink()
+                if not db.exists():
+                    _create_sqlite(db)
                 from mlflow.tracking import MlflowClient
 
                 MlflowClient(uri).search_experiments(max_results=1)
@@ -74,9 +94,9 @@ def ensure_store(uri: str) -> None:
                 if is_disk_full(e):
                     raise
                 raise CfError(
-                    f"the MLflow store {str(db)!r} cannot be opened ({one_line(str(e))[:300]}); if an "
-                    f"older version left it half-created, move it aside (mv {db} {db}.broken) and run "
-                    "again: a new store is created and cached stages are recorded in it again"
+                    f"the MLflow store {str(db)!r} cannot be opened ({one_line(str(e))[:300]}); if it was "
+                    f"left half-created (by an older version of cf), move it aside (mv {db} {db}.broken) "
+                    "and run again: a new store is created and cached stages are recorded in it again"
                 ) from None
     _ready.add(uri)
 

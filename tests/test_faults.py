@@ -130,17 +130,17 @@ def running(uri: str, experiment: str) -> list:
 
 # In execution order, so each rerun gets past the previous kill and dies at the next one: every stage
 # at its boundaries (started, trained, marked done) and mid-stage, and the pipeline's own moments.
-CHAIN = ["pipeline.locked", "pipeline.parent_created"] + [
+CHAIN = ["pipeline.locked", "store.created", "pipeline.parent_created"] + [
     f"{point}:{name}" for name in NAMES for point in ("stage.start", "toy.mid", "stage.ran", "stage.done")
 ] + ["pipeline.done"]
-FAST_CHAIN = ["pipeline.parent_created", "stage.start:teacher", "toy.mid:teacher_erft", "stage.ran:student",
-              "stage.done:cdmd1", "toy.mid:cdmd2", "stage.start:bench", "pipeline.done"]
+FAST_CHAIN = ["store.created", "pipeline.parent_created", "stage.start:teacher", "toy.mid:teacher_erft",
+              "stage.ran:student", "stage.done:cdmd1", "toy.mid:cdmd2", "stage.start:bench", "pipeline.done"]
 
 
 def kill_chain(forkserver, tmp_path, db, chain, experiment):
-    """Run the toy pipeline killed at each point of `chain` in turn, then to the end; returns figures."""
+    """Run the toy pipeline killed at each point of `chain` in turn, then to the end (store `db`)."""
     ref = tmp_path / "ref"
-    run_toy(ref / "runs", db, experiment + "-ref")
+    run_toy(ref / "runs")
     out = tmp_path / "killed"
     (out / "runs").mkdir(parents=True)
     done_before: set[str] = set()
@@ -159,7 +159,8 @@ def kill_chain(forkserver, tmp_path, db, chain, experiment):
     return ref, out
 
 
-def test_kill_at_stage_boundaries_and_mid_stage_then_resume(forkserver, tmp_path, db):
+def test_kill_at_stage_boundaries_and_mid_stage_then_resume(forkserver, tmp_path):
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"  # a new store: the first kill lands while it is created
     ref, out = kill_chain(forkserver, tmp_path, db, FAST_CHAIN, "chain")
     # no stage trained twice: each ran once, or was resumed once after its mid-stage kill
     log = calls(out / "runs")
@@ -169,7 +170,7 @@ def test_kill_at_stage_boundaries_and_mid_stage_then_resume(forkserver, tmp_path
     assert [line for line in log if line.endswith("resume")] == resumes
     # the resumed pipeline ends exactly as an uninterrupted one
     assert outputs(out / "runs") == outputs(ref / "runs")
-    assert partial_files(out / "runs") == []
+    assert partial_files(out / "runs") == [] and not list(tmp_path.glob(".mlflow.db.creating-*"))
     # no run is left RUNNING, whatever the moment of the kill (even before pipeline.json named it)
     assert running(db, "chain") == []
     c = MlflowClient(db)
@@ -178,6 +179,14 @@ def test_kill_at_stage_boundaries_and_mid_stage_then_resume(forkserver, tmp_path
     # closed: the run killed before pipeline.json named it, and the one killed after pipeline.json said
     # complete (the rerun is a new run); the kills in between resumed one run, FINISHED at last
     assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED", "KILLED"]
+
+
+@pytest.mark.slow
+def test_kill_at_every_point_of_every_stage_then_resume(forkserver, tmp_path):
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ref, out = kill_chain(forkserver, tmp_path, db, CHAIN, "chain")
+    assert outputs(out / "runs") == outputs(ref / "runs") and running(db, "chain") == []
+    print(f"\ntoy kill chain: {len(CHAIN)} SIGKILLs over {len(NAMES)} stages, 0 stages lost, outputs equal")
 
 
 def test_two_identical_pipelines_at_once_on_a_new_store_both_finish(forkserver, tmp_path):

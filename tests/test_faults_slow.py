@@ -37,18 +37,19 @@ TRAINED = NAMES[:-1]
 
 
 def cf(out: Path, *args: str, failpoint: str = "", wait: bool = True, store: Path | None = None):
-    """`cf ablate --preset smoke --out <out>/runs` (or another command) in a subprocess."""
+    """`cf ablate --preset smoke --out <out>/runs` (or another command) in a subprocess: (returncode,
+    stderr) when `wait`, else (the process, the file its stderr goes to)."""
     uri = f"sqlite:///{store or out / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "CF_FAILPOINT": failpoint, "PYTHONPATH": str(ROOT)}
     args = args or ("ablate", "--preset", "smoke")
     cmd = [sys.executable, "-m", "cf.cli", *args, "--out", str(out / "runs")]
-    log = open(out / "log.txt", "a")
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.PIPE, text=True)
+    err_path = out / f"stderr-{time.time_ns()}.txt"  # a file, not a pipe: nobody has to drain it
+    with open(out / "log.txt", "a") as log, open(err_path, "w") as err:
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=err)
     if not wait:
-        return p
-    _, err = p.communicate(timeout=900)
-    log.write(err)
-    return p.returncode, err
+        return p, err_path
+    p.wait(timeout=900)
+    return p.returncode, err_path.read_text()
 
 
 def planned(out: Path):
@@ -132,7 +133,7 @@ def test_kill_at_every_stage_boundary_and_mid_save_resumes_to_the_uninterrupted_
     for name in NAMES:
         mid = ["ckpt.tmp_written"] if name in TRAINED else []  # the stage's first save, killed before rename
         chain += [f"stage.start:{name}", *mid, f"stage.ran:{name}", f"stage.done:{name}"]
-    chain = ["pipeline.parent_created", *chain, "pipeline.done"]
+    chain = ["store.created", "pipeline.parent_created", *chain, "pipeline.done"]  # the store is new
     before: set[str] = set()
     lost = 0
     t0 = time.time()
@@ -162,14 +163,14 @@ def test_random_kills_then_resume_every_time(reference, tmp_path):
         out.mkdir()
         before: set[str] = set()
         for attempt in range(20):
-            p = cf(out, wait=False)
+            p, err = cf(out, wait=False)
             try:  # ever longer: a stage longer than the first waits still gets done
                 p.wait(timeout=rng.uniform(3.0, 30.0 + 15.0 * attempt))
             except subprocess.TimeoutExpired:
                 p.send_signal(signal.SIGKILL)
                 p.wait()
                 kills += 1
-            p.stderr.close()
+            assert p.returncode in (0, -signal.SIGKILL), err.read_text()[-3000:]
             now = done(out)
             lost += len(before - now)
             before = now
@@ -189,8 +190,9 @@ def test_two_pipelines_at_once_on_a_fresh_clone_both_finish(reference, tmp_path)
         out = tmp_path / f"try{i}"
         out.mkdir()
         procs = [cf(out, wait=False) for _ in range(2)]
-        errs = [p.communicate(timeout=900)[1] for p in procs]
-        assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errs]
+        for p, _ in procs:
+            p.wait(timeout=900)
+        assert [p.returncode for p, _ in procs] == [0, 0], [e.read_text()[-2000:] for _, e in procs]
         c = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
         parents = c.search_runs([c.get_experiment_by_name("cf").experiment_id], "tags.stage = 'pipeline'")
         assert sorted(r.info.status for r in parents) == ["FINISHED", "FINISHED"] and running(out) == []
@@ -234,7 +236,12 @@ def test_a_new_store_under_a_kept_cache_then_tables_and_notebooks(reference, tmp
     from cf import results
 
     assert results.write_tables(cfg, out=tmp_path / "results")
-    assert set(results.training_curves(cfg)["stage"]) == set(NAMES)
+    assert set(results.training_curves(cfg)["stage"]) == set(TRAINED)  # the stages with a loss
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (parent,) = c.search_runs([c.get_experiment_by_name("cf").experiment_id], "tags.stage = 'pipeline'")
+    for name in NAMES:  # every cached stage has its run in the new store, nested under the pipeline
+        run = c.get_run(parent.data.tags[f"run.{name}"])
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     rc, err = cf(tmp_path, "notebooks", "--preset", "smoke", "--figures", str(tmp_path / "figures"))
     assert rc == 0, err[-3000:]
     assert any((tmp_path / "figures").glob("training_smoke_*.png"))
