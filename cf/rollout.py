@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from cf.diffusion import Sampler, guide, randn_like, to_x0
+from cf.diffusion import Sampler, denoise, encode_clean, guide, randn_like, to_x0
 from cf.errors import CfError
 from cf.memory import KVCache
 from cf.model import CacheRead, Cond
@@ -144,8 +144,9 @@ def chunk_step(
         with torch.set_grad_enabled(grad and i == exit_step):
             xin = twice(x)
             sig = xin.new_full(xin.shape[:2], sigma)
-            x0 = to_x0(model(xin, sig, cond, time_pos=read.query_positions, read=read).pred, xin, sig,
-                       model.prediction)
+            pred = denoise(model, xin, sig, cond, num_timesteps=sampler.num_timesteps,
+                           time_pos=read.query_positions, read=read).pred
+            x0 = to_x0(pred, xin, sig, model.prediction)
             if guidance != 1:
                 x0 = guide(*x0.chunk(2), guidance)
         for cb in callbacks:
@@ -176,8 +177,8 @@ def write_clean(model: torch.nn.Module, cache: KVCache, frames: Tensor, cond: Co
     """
     read = read_for_query(model, cache, frames.shape[1]) if read is None else read
     x = frames.detach().to(next(model.parameters()).dtype)
-    out = model(x, x.new_zeros(x.shape[:2]), cond, time_pos=read.query_positions, read=read)
-    cache.write(out.kv, cond.camera, out.mean_key)
+    out = encode_clean(model, x, cond, time_pos=read.query_positions, read=read)
+    cache.write(out.kv, cond.camera, out.mean_key if cache.policy.needs_keys else None)
 
 
 def prefill(model: torch.nn.Module, cache: KVCache, frames: Tensor, cond: Cond) -> None:

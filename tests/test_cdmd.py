@@ -107,8 +107,9 @@ def test_gradients_reach_the_generator_only_through_the_last_windows_exit_step()
     cfg = _cfg()
     module = _module(cfg)
     calls = []
+    n = cfg.diffusion.num_timesteps  # the network's second input is the timestep sigma * n
     module.net.register_forward_hook(
-        lambda mod, args, out: calls.append((out.pred.requires_grad, float(args[1].flatten()[0])))
+        lambda mod, args, out: calls.append((out.pred.requires_grad, float(args[1].flatten()[0]) / n))
     )
     plan = RolloutPlan(n_chunks=4, window=2, exit_step=1, generator=True)
     video = module.generate(_batch(cfg), plan, step=0)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cf.config import load_config
+from cf.diffusion import build_sampler, denoise, edm_coefficients
 from cf.errors import CfError
 from cf.model import CacheRead, CausalVideoDiT, Cond, block_causal_mask, build_model, load_weights
 from cf.model.rope import axis_dims
@@ -215,19 +216,54 @@ def test_position_scale_sets_the_unit_of_spatial_positions(scale):
 
 
 def test_edm_preconditioning_passes_clean_frames_through_and_corrects_noisy_ones(f64):
+    """EDM lives in cf.diffusion.denoise, around the network: the network sees c_in * x_t and the timestep
+    input sigma * diffusion.num_timesteps, and its raw output is mixed as c_skip * x_t + c_out * F."""
     cfg, model = make("smoke", "model.precondition=edm")
     x, sigma, cam = inputs(cfg)
     cond = model.make_cond(None, camera=cam)
-    clean = model(x, torch.zeros_like(sigma), cond, time_pos=torch.arange(4)).pred
+    n = cfg.diffusion.num_timesteps
+    clean = denoise(model, x, torch.zeros_like(sigma), cond, num_timesteps=n, time_pos=torch.arange(4)).pred
     assert torch.equal(clean, x)  # c_skip = 1, c_out = 0 at sigma 0
-    noisy = model(x, sigma, cond, time_pos=torch.arange(4)).pred
+    noisy = denoise(model, x, sigma, cond, num_timesteps=n, time_pos=torch.arange(4)).pred
     _, plain = make("smoke")
-    raw = plain(x, sigma, cond, time_pos=torch.arange(4)).pred  # same seed: the same weights
-    from cf.diffusion import edm_coefficients
-
+    raw = denoise(plain, x, sigma, cond, num_timesteps=n, time_pos=torch.arange(4)).pred  # the same weights
+    assert torch.equal(raw, plain(x, sigma * n, cond, time_pos=torch.arange(4)).pred)  # none: F itself
     c_in, c_skip, c_out = (c[..., None, None, None] for c in edm_coefficients(sigma, cfg.model.sigma_data))
-    expect = c_skip * x + c_out * plain(x * c_in, sigma, cond, time_pos=torch.arange(4)).pred
+    expect = c_skip * x + c_out * plain(x * c_in, sigma * n, cond, time_pos=torch.arange(4)).pred
     assert torch.allclose(noisy, expect) and not torch.allclose(noisy, raw)
+
+
+@pytest.mark.parametrize("precondition, total, total_abs, values", [
+    ("none", 67.0078320615047, 17632.447594762467,
+     [0.9623825939160447, 2.720533707333477, -0.9546400738714568]),
+    ("edm", -75.42216950131433, 7782.873525154223,
+     [0.5241817659703828, 1.5783141224872002, -1.3117072614058702]),
+])
+def test_predictions_are_the_numbers_of_the_network_that_held_its_own_preconditioning(
+        f64, precondition, total, total_abs, values):
+    """Pinned in float64 before EDM and the timestep scale moved out of the network (when it computed
+    them itself from sigma): moving them changed no number."""
+    cfg, model = make("smoke", f"model.precondition={precondition}")
+    x, sigma, cam = inputs(cfg)
+    pred = denoise(model, x, sigma, model.make_cond(["a cat", "a dog"], camera=cam),
+                   num_timesteps=cfg.diffusion.num_timesteps, time_pos=torch.arange(4)).pred
+    assert pred.sum().item() == pytest.approx(total, rel=1e-12)
+    assert pred.abs().sum().item() == pytest.approx(total_abs, rel=1e-12)
+    assert pred[1, 3, 2, 5, :3].tolist() == pytest.approx(values, rel=1e-12)
+
+
+def test_the_timestep_input_follows_diffusion_num_timesteps(f64):
+    """The network's timestep input is sigma * diffusion.num_timesteps: the key drives it, no constant."""
+    cfg, model = make("smoke")
+    x, sigma, cam = inputs(cfg)
+    cond = model.make_cond(["a cat", "a dog"], camera=cam)
+    half = denoise(model, x, sigma, cond, num_timesteps=500, time_pos=torch.arange(4)).pred
+    assert torch.equal(half, model(x, sigma * 500, cond, time_pos=torch.arange(4)).pred)
+    assert not torch.allclose(half, denoise(model, x, sigma, cond, num_timesteps=1000,
+                                            time_pos=torch.arange(4)).pred)
+    cfg = load_config("smoke", overrides=["diffusion.num_timesteps=500",
+                                          "diffusion.student_timesteps=[500,250]"])
+    assert {build_sampler(cfg.diffusion, k).num_timesteps for k in ("teacher", "student")} == {500}
 
 
 def test_edm_needs_an_x0_output():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cf.config import load_config
-from cf.diffusion import build_sampler, to_x0
+from cf.diffusion import build_sampler, denoise, encode_clean, to_x0
 from cf.errors import CfError
 from cf.memory import KVCache, build_policy
 from cf.model import CacheRead, CausalVideoDiT, block_causal_mask
@@ -62,8 +62,8 @@ def test_full_rollout_equals_one_block_causal_forward():
         b, f = video.shape[:2]
         c = cfg.model.frames_per_chunk
         cam = cond.camera[:, :f]
-        whole = model(video, torch.zeros(b, f, dtype=video.dtype), cond.frames(0, f),
-                      time_pos=torch.arange(f), frame_mask=block_causal_mask(f, c))
+        whole = encode_clean(model, video, cond.frames(0, f), time_pos=torch.arange(f),
+                             frame_mask=block_causal_mask(f, c))
     r = cache.read()
     order = torch.argsort(r.times)
     assert r.times[order].tolist() == list(range(f))
@@ -84,8 +84,9 @@ def test_full_rollout_equals_one_block_causal_forward():
         x_noisy = torch.cat([steps.x_t[j, i] for j in range(N_CHUNKS)], dim=1)
         sig = torch.cat([torch.zeros(b, f), torch.full((b, f), steps.sigma[0, i])], dim=1)
         with torch.no_grad():
-            out = model(torch.cat([video, x_noisy], dim=1), sig, cond2, time_pos=torch.arange(f).repeat(2),
-                        frame_mask=mask)
+            out = denoise(model, torch.cat([video, x_noisy], dim=1), sig, cond2,
+                          num_timesteps=cfg.diffusion.num_timesteps, time_pos=torch.arange(f).repeat(2),
+                          frame_mask=mask)
         x0 = to_x0(out.pred[:, f:], x_noisy, sig[:, f:], model.prediction)
         ref = torch.cat([steps.x0[j, i] for j in range(N_CHUNKS)], dim=1)
         assert (x0 - ref).abs().max() < 1e-10
@@ -145,8 +146,8 @@ def test_plan_drives_a_cacheless_read():
     with torch.no_grad():
         res, cache = run(cfg, model, cond)
         f = res.video.shape[1]
-        whole = model(res.video, torch.zeros(1, f).double(), cond.frames(0, f), time_pos=torch.arange(f),
-                      frame_mask=block_causal_mask(f, 2))
+        whole = encode_clean(model, res.video, cond.frames(0, f), time_pos=torch.arange(f),
+                             frame_mask=block_causal_mask(f, 2))
         plan = cache.policy.plan(f)
         read = CacheRead.from_kv(whole.kv, plan.indices, plan.positions, plan.query_positions,
                                  cond.camera[:, :f])
@@ -179,8 +180,9 @@ def test_gradients_flow_only_through_the_exit_step_of_the_last_chunks():
     x_t, sigma = steps.x_t[3, 1], steps.sigma[3, 1]
     cond = model.make_cond(["a red house by the sea"], camera=cond.camera)  # a fresh graph to the text table
     sig = torch.full(x_t.shape[:2], sigma, dtype=x_t.dtype)
-    x0 = to_x0(model(x_t, sig, cond.frames(6, 8), time_pos=read.query_positions, read=read).pred, x_t, sig,
-               model.prediction)
+    pred = denoise(model, x_t, sig, cond.frames(6, 8), num_timesteps=cfg.diffusion.num_timesteps,
+                   time_pos=read.query_positions, read=read).pred
+    x0 = to_x0(pred, x_t, sig, model.prediction)
     assert (x0.detach() - res.video[:, 6:8].detach()).abs().max() < 1e-10
     (x0 ** 2).sum().backward()
     assert grads.keys() == {n for n, p in model.named_parameters() if p.grad is not None}

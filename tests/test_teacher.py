@@ -6,6 +6,7 @@ from torch.utils.data import DataLoader
 
 from cf.config import load_config
 from cf.data import WorldDataset
+from cf.diffusion import denoise
 from cf.train.continuation import shift_last
 from cf.train.teacher import TeacherModule, dense_frames, dense_layout, history_mask
 
@@ -169,8 +170,9 @@ def test_dense_forward_equals_a_cached_rollout_read(batch, context):
         frames = dense_frames(n_clean, targets, chunk)
         x = torch.cat([video[:, :n_clean], noisy], 1)
         sigma = torch.cat([sig.new_zeros(sig.shape[0], n_clean), sig], 1)
-        dense = net(x, sigma, net.make_cond(batch["prompt"], camera=camera[:, frames]), time_pos=frames,
-                    frame_mask=mask).pred[:, n_clean:]
+        n = cfg.diffusion.num_timesteps
+        dense = denoise(net, x, sigma, net.make_cond(batch["prompt"], camera=camera[:, frames]),
+                        num_timesteps=n, time_pos=frames, frame_mask=mask).pred[:, n_clean:]
         cfg.memory.policy, cfg.memory.window_frames = "sliding", context + chunk
         cond = net.make_cond(batch["prompt"], camera=camera)
         for i, j in enumerate(targets):
@@ -178,8 +180,8 @@ def test_dense_forward_equals_a_cached_rollout_read(batch, context):
             prefill(net, cache, video[:, :j * chunk], cond)
             read = read_for_query(net, cache)
             own = slice(i * chunk, (i + 1) * chunk)
-            cached = net(noisy[:, own], sig[:, own], cond.frames(j * chunk, (j + 1) * chunk),
-                         time_pos=read.query_positions, read=read).pred
+            cached = denoise(net, noisy[:, own], sig[:, own], cond.frames(j * chunk, (j + 1) * chunk),
+                             num_timesteps=n, time_pos=read.query_positions, read=read).pred
             assert torch.allclose(dense[:, own], cached, atol=1e-9), f"chunk {j}"
     finally:
         torch.set_default_dtype(torch.float32)
@@ -213,8 +215,9 @@ def test_mean_continuation_is_the_x0_prediction_from_pure_noise(batch):
         prefill(net, cache, video[:, :n_ctx], cond)
         read = read_for_query(net, cache)
         noise = randn_like(video[:, :chunk], torch.Generator().manual_seed(3))
-        want = net(noise, torch.ones(video.shape[0], chunk), cond.frames(n_ctx, n_ctx + chunk),
-                   time_pos=read.query_positions, read=read).pred
+        want = denoise(net, noise, torch.ones(video.shape[0], chunk), cond.frames(n_ctx, n_ctx + chunk),
+                       num_timesteps=cfg.diffusion.num_timesteps, time_pos=read.query_positions,
+                       read=read).pred
         sample = continue_clips(net, cfg, video, camera, batch["prompt"], n_ctx, 1, _policy(cfg, "full"),
                                 seed=3)
     assert torch.allclose(got, want, atol=1e-5)

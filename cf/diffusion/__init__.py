@@ -1,5 +1,7 @@
-"""Diffusion math: flow-matching noising, schedules, timestep warping, samplers. No nn.Module state."""
+"""Diffusion math: flow-matching noising, schedules, timestep warping, samplers, the network's
+preconditioning (`denoise`). No nn.Module state: the network is an argument, never a member."""
 
+from cf.diffusion.precond import denoise, encode_clean, noise_levels, timestep_input
 from cf.diffusion.samplers import Sampler, build_sampler, euler, few_step, guide, randn_like
 from cf.diffusion.schedule import (
     add_noise,
@@ -14,6 +16,7 @@ from cf.diffusion.schedule import (
 )
 
 __all__ = [
-    "Sampler", "add_noise", "build_sampler", "edm_coefficients", "euler", "few_step", "guide", "loss_weight",
-    "randn_like", "sample_sigma", "shift_sigma", "student_sigmas", "target", "teacher_sigmas", "to_x0",
+    "Sampler", "add_noise", "build_sampler", "denoise", "edm_coefficients", "encode_clean", "euler",
+    "few_step", "guide", "loss_weight", "noise_levels", "randn_like", "sample_sigma", "shift_sigma",
+    "student_sigmas", "target", "teacher_sigmas", "timestep_input", "to_x0",
 ]

@@ -1,7 +1,8 @@
 """Samplers: the teacher's multi-step Euler ODE and the student's few-step re-noising sampler.
 
 A sampler is a schedule plus one update rule; the rollout owns the loop and asks it for
-``sigmas[i]`` and ``step(x_t, x0, i)``. Both rules take the model's x0 estimate (see
+``sigmas[i]`` and ``step(x_t, x0, i)``, and calls the network through `denoise` with the sampler's
+``num_timesteps`` (the scale of the network's timestep input). Both rules take the model's x0 estimate (see
 `schedule.to_x0`), so they do not care what the model predicts. The last sigma is 0, so the
 final step's output equals that step's x0 prediction for both samplers.
 """
@@ -20,6 +21,7 @@ from cf.diffusion.schedule import student_sigmas, teacher_sigmas
 class Sampler:
     sigmas: tuple[float, ...]  # [n_steps + 1], decreasing, last 0
     renoise: bool  # True: few-step (predict x0, re-noise with fresh noise); False: Euler ODE
+    num_timesteps: int  # diffusion.num_timesteps: the network's timestep input is sigma * this
 
     @property
     def n_steps(self) -> int:
@@ -37,19 +39,22 @@ class Sampler:
         return x0 + (s_next / s) * (x_t - x0)
 
 
-def euler(steps: int, shift: float) -> Sampler:
-    return Sampler(tuple(teacher_sigmas(steps, shift)), renoise=False)
+def euler(steps: int, shift: float, num_timesteps: int = 1000) -> Sampler:
+    """The teacher's Euler ODE. num_timesteps: pass `diffusion.num_timesteps` (`build_sampler` does);
+    the default is that key's default, for callers that build a sampler without a config."""
+    return Sampler(tuple(teacher_sigmas(steps, shift)), renoise=False, num_timesteps=num_timesteps)
 
 
 def few_step(timesteps: list[int], num_timesteps: int, shift: float) -> Sampler:
-    return Sampler(tuple(student_sigmas(list(timesteps), num_timesteps, shift)), renoise=True)
+    return Sampler(tuple(student_sigmas(list(timesteps), num_timesteps, shift)), renoise=True,
+                   num_timesteps=num_timesteps)
 
 
 def build_sampler(diffusion_cfg, kind: str) -> Sampler:
     """kind: 'teacher' (Euler, teacher_steps, sample_shift) | 'student' (student_timesteps, student_shift)."""
     d = diffusion_cfg
     if kind == "teacher":
-        return euler(d.teacher_steps, d.sample_shift)
+        return euler(d.teacher_steps, d.sample_shift, d.num_timesteps)
     if kind == "student":
         return few_step(list(d.student_timesteps), d.num_timesteps, d.student_shift)
     raise ValueError(f"sampler kind {kind!r} is not one of teacher, student")

@@ -4,19 +4,20 @@ patchify -> (+ world-position embedding) -> blocks [per-frame adaLN from the noi
 camera), 3D-RoPE self-attention over (history read ; this call's frames), cross-attention to
 the prompt, MLP] -> modulated head -> unpatchify. Every size comes from the config.
 
-The model knows nothing about schedules or caches: it takes noise levels, a read of history
-and positions, and returns its prediction plus the un-rotated keys/values of the frames it
-processed, so the caller decides (explicitly, after the forward) what to write to a cache.
+The network knows nothing about the noise process or caches: it takes inputs already scaled for
+it (frames and a timestep input, from `cf.diffusion.denoise`, which also mixes its raw output into a
+prediction), a read of history and positions, and returns its output plus the un-rotated keys/values
+of the frames it processed, so the caller decides (explicitly, after the forward) what to write to a
+cache.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
-from cf.diffusion.schedule import edm_coefficients
 from cf.errors import CfError
 from cf.model.block import Block
 from cf.model.cond import Cond
@@ -25,15 +26,17 @@ from cf.model.read import CacheRead
 from cf.model.rope import Rope3D, angle_dtype, apply_rope
 from cf.model.text import build_text_encoder
 
-# The timestep embedding sees sigma * this, the 0..1000 range sinusoidal embeddings are made for.
-TIMESTEP_SCALE = 1000.0
-
 
 @dataclass
 class ModelOutput:
-    pred: Tensor  # [B, F, C, H, W]: x0 or velocity, per model.prediction
+    pred: Tensor  # [B, F, C, H, W]: the network's output (cf.diffusion.denoise makes it x0 or velocity)
     kv: list[tuple[Tensor, Tensor]]  # per layer, un-rotated (k, v) of this call's frames [B, F, N, H, Dh]
-    mean_key: Tensor  # [B, F, depth * Dh]: per layer mean of k over tokens and heads, concatenated
+
+    @property
+    def mean_key(self) -> Tensor:
+        """[B, F, depth * Dh]: per layer mean of k over tokens and heads, concatenated (what a policy that
+        promotes by key similarity compares; computed only when asked)."""
+        return torch.cat([k.mean(dim=(2, 3)) for k, _ in self.kv], dim=-1)
 
 
 def block_causal_mask(n_frames: int, chunk: int, device: torch.device | str | None = None) -> Tensor:
@@ -53,8 +56,6 @@ class CausalVideoDiT(nn.Module):
         self.dim, self.heads, self.head_dim = m.dim, m.heads, m.dim // m.heads
         self.prediction, self.positions = m.prediction, m.positions
         self.position_scale = float(m.position_scale)
-        self.edm = m.precondition == "edm"
-        self.sigma_data = float(m.sigma_data)
         patch_dim = m.channels * m.patch_size**2
 
         self.patch_embed = nn.Linear(patch_dim, m.dim)
@@ -130,22 +131,21 @@ class CausalVideoDiT(nn.Module):
             return read
         y, x = self._spatial(read.cameras, read.n_frames, read.k[0].dtype)
         cos, sin = self.rope(read.positions, y, x, read.k[0].dtype)
-        return CacheRead(k=[apply_rope(k, cos, sin) for k in read.k], v=read.v, positions=read.positions,
-                         times=read.times, cameras=read.cameras, query_positions=read.query_positions,
-                         rotated=True)
+        return replace(read, k=[apply_rope(k, cos, sin) for k in read.k], rotated=True)
 
     # ---------------------------------------------------------------- forward
     def forward(
         self,
         x: Tensor,
-        sigma: Tensor,
+        t: Tensor,
         cond: Cond,
         *,
         time_pos: Tensor,
         read: CacheRead | None = None,
         frame_mask: Tensor | None = None,
     ) -> ModelOutput:
-        """x [B, F, C, H, W] noisy frames; sigma [B, F] (or [B] / scalar) their noise levels;
+        """x [B, F, C, H, W] input frames and t [B, F] (or [B] / scalar) their timestep input, both
+        already scaled for the network (`cf.diffusion.denoise`: t = sigma * diffusion.num_timesteps);
         cond for these F frames (camera [B, F, 2]); time_pos [F] long RoPE time indices;
         read: history every query frame attends to; frame_mask [F, F] bool among this call's
         frames (None: all to all, as within a chunk or the teacher's target window).
@@ -155,18 +155,15 @@ class CausalVideoDiT(nn.Module):
         if tuple(x.shape[2:]) != expected:
             raise CfError(f"model input has frames of shape {tuple(x.shape[2:])}; this model expects "
                           f"{expected} (model.channels, data.height, data.width)")
-        sigma = torch.as_tensor(sigma, device=x.device, dtype=angle_dtype(x.dtype))
-        sigma = sigma.expand(b, f) if sigma.dim() == 0 else sigma.reshape(b, -1).expand(b, f)
-        if self.edm:
-            c_in, c_skip, c_out = (c[..., None, None, None].to(x.dtype)
-                                   for c in edm_coefficients(sigma, self.sigma_data))
-        tokens = self.patch_embed(patchify(x * c_in if self.edm else x, self.patch))  # [B, F, N, D]
+        t = torch.as_tensor(t, device=x.device, dtype=angle_dtype(x.dtype))
+        t = t.expand(b, f) if t.dim() == 0 else t.reshape(b, -1).expand(b, f)
+        tokens = self.patch_embed(patchify(x, self.patch))  # [B, F, N, D]
         ys, xs = self._spatial(cond.camera, f, x.dtype)
         if self.positions == "world":
             tokens = tokens + sinusoid_2d(ys, xs, self.dim).to(tokens.dtype)
         cos, sin = self.rope(time_pos, ys, xs, tokens.dtype)
 
-        e = self.time_embed(sinusoid(sigma * TIMESTEP_SCALE, self.dim).to(tokens.dtype))  # [B, F, D]
+        e = self.time_embed(sinusoid(t, self.dim).to(tokens.dtype))  # [B, F, D]
         if self.camera_embed is not None and cond.camera is not None:
             cam = cond.camera.to(angle_dtype(x.dtype)) / self.patch
             c = self.camera_embed(sinusoid_2d(cam[..., 1], cam[..., 0], self.dim).to(tokens.dtype))
@@ -189,11 +186,7 @@ class CausalVideoDiT(nn.Module):
 
         shift, scale = (self.head_modulation + e.unsqueeze(2)).unsqueeze(2).unbind(3)  # [B, F, 1, D] each
         out = self.head(self.head_norm(tokens) * (1 + scale) + shift)
-        pred = unpatchify(out, self.patch, self.channels, self.height, self.width)
-        if self.edm:
-            pred = c_skip * x + c_out * pred
-        mean_key = torch.cat([k.mean(dim=(2, 3)) for k, _ in kvs], dim=-1)
-        return ModelOutput(pred=pred, kv=kvs, mean_key=mean_key)
+        return ModelOutput(pred=unpatchify(out, self.patch, self.channels, self.height, self.width), kv=kvs)
 
     @staticmethod
     def _token_mask(frame_mask: Tensor | None, m: int, n: int, device) -> Tensor | None:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cf.diffusion import add_noise, build_sampler, guide, loss_weight, sample_sigma, to_x0
+from cf.diffusion import add_noise, build_sampler, denoise, guide, loss_weight, sample_sigma, to_x0
 from cf.errors import CfError
 from cf.memory import KVCache, MemoryPolicy, build_policy
 from cf.model import CausalVideoDiT, Cond
@@ -191,6 +191,7 @@ def score_window(
     first: int,
     sigma: Tensor,
     noise: Tensor,
+    num_timesteps: int,
     guidance: float = 1.0,
 ) -> Tensor:
     """x0 estimates of the noised window `frames[:, first:]`, given the history `frames[:, start:first]`.
@@ -222,7 +223,8 @@ def score_window(
         sig = sigma.to(clean.dtype)[:, None].expand(b, chunk)
         x_t = add_noise(clean, noise[:, f0 - first : f0 - first + chunk], sig)
         read = read_for_query(net, cache)
-        pred = net(twice(x_t), twice(sig), c, time_pos=read.query_positions, read=read).pred
+        pred = denoise(net, twice(x_t), twice(sig), c, num_timesteps=num_timesteps,
+                       time_pos=read.query_positions, read=read).pred
         x0 = to_x0(pred, twice(x_t), twice(sig), net.prediction)
         out.append(guide(*x0.chunk(2), guidance) if guidance != 1 else x0)
         if f0 + chunk < frames.shape[1]:
@@ -349,7 +351,8 @@ class CDMDModule(EMACheckpoint, pl.LightningModule):
         frames = video.detach()
         with torch.no_grad():
             t_cond, c_cond = self._conds(batch, video.shape[1])
-            kw = dict(start=start, first=first, sigma=sigma, noise=noise)
+            kw = dict(start=start, first=first, sigma=sigma, noise=noise,
+                      num_timesteps=self.cfg.diffusion.num_timesteps)
             x0_real = score_window(
                 self.teacher, self.score_policy, frames, t_cond, guidance=self.guidance, **kw
             )
@@ -362,7 +365,8 @@ class CDMDModule(EMACheckpoint, pl.LightningModule):
         first, start, sigma, noise = self._window_inputs(batch, video, plan, step)
         _, c_cond = self._conds(batch, video.shape[1])
         x0 = score_window(
-            self.critic, self.score_policy, video, c_cond, start=start, first=first, sigma=sigma, noise=noise
+            self.critic, self.score_policy, video, c_cond, start=start, first=first, sigma=sigma, noise=noise,
+            num_timesteps=self.cfg.diffusion.num_timesteps,
         )
         per_sample = (x0.float() - video[:, first:].float()).pow(2).flatten(1).mean(1)
         return (loss_weight(sigma, self.cfg.model) * per_sample).mean(), {}

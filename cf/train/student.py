@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from cf.diffusion import Sampler, build_sampler, to_x0
+from cf.diffusion import Sampler, build_sampler, denoise, to_x0
 from cf.errors import CfError
 from cf.memory import KVCache, build_policy
 from cf.model import CausalVideoDiT
@@ -191,7 +191,8 @@ class StudentModule(EMACheckpoint, pl.LightningModule):
             x_t = states[rows, k[:, j], f]  # [B, C, ...] the ODE state at each sample's level
             sigma = self.levels[k[:, j]].to(x_t.dtype)[:, None].expand(b, self.chunk)
             read = read_for_query(self.net, cache)
-            pred = self.net(x_t, sigma, c, time_pos=read.query_positions, read=read).pred
+            pred = denoise(self.net, x_t, sigma, c, num_timesteps=self.cfg.diffusion.num_timesteps,
+                           time_pos=read.query_positions, read=read).pred
             x0 = to_x0(pred, x_t, sigma, self.net.prediction)
             per_chunk.append((x0.float() - video[:, f].float()).pow(2).flatten(1).mean(1))  # [B]
             levels.append(k[:, j])

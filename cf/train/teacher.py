@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from cf.diffusion import add_noise, loss_weight, sample_sigma, target
+from cf.diffusion import add_noise, denoise, encode_clean, loss_weight, sample_sigma, target
 from cf.errors import CfError
 from cf.memory import build_policy
 from cf.model import CausalVideoDiT, Cond, block_causal_mask
@@ -164,8 +164,8 @@ class TeacherModule(EMACheckpoint, pl.LightningModule):
         x = torch.cat([x_clean, x_t], dim=1)
         sig = torch.cat([sigma.new_zeros(b, k), sigma], dim=1)
         seq_cond = Cond(text=cond.text, text_mask=cond.text_mask, camera=cam, null=cond.null)
-        pred = self.net(x, sig, seq_cond, time_pos=time_pos.to(self.device),
-                        frame_mask=mask.to(self.device)).pred[:, k:]
+        pred = denoise(self.net, x, sig, seq_cond, num_timesteps=cfg.diffusion.num_timesteps,
+                       time_pos=time_pos.to(self.device), frame_mask=mask.to(self.device)).pred[:, k:]
 
         per_frame = (pred - target(x0, noise, cfg.model.prediction)).pow(2).flatten(2).mean(2)  # [B, T]
         if cfg.model.precondition != "none":  # x0 MSE -> the MSE of the network's own output
@@ -220,9 +220,8 @@ class TeacherModule(EMACheckpoint, pl.LightningModule):
         n = hist.shape[1]
         with torch.no_grad():
             c = Cond(text=cond.text, text_mask=cond.text_mask, camera=cam[:, :n], null=cond.null)
-            out = self.net(hist, hist.new_zeros(hist.shape[:2]), c,
-                           time_pos=torch.arange(n, device=self.device),
-                           frame_mask=block_causal_mask(n, self.chunk, self.device))
+            out = encode_clean(self.net, hist, c, time_pos=torch.arange(n, device=self.device),
+                               frame_mask=block_causal_mask(n, self.chunk, self.device))
         return out.mean_key
 
     def _inject(self, hist: Tensor, x0: Tensor, noise: Tensor, sigma: Tensor, g: torch.Generator):
