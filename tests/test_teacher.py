@@ -8,7 +8,7 @@ from cf.config import load_config
 from cf.data import WorldDataset
 from cf.diffusion import denoise
 from cf.train.continuation import shift_last
-from cf.train.teacher import TeacherModule, dense_frames, dense_layout, history_mask
+from cf.train.teacher import TeacherModule, dense_frames, dense_layout, window_layout
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +68,121 @@ def test_history_changes_the_prediction(batch):
     assert max(diffs) > 1e-6
 
 
-def test_history_mask_is_block_causal_and_target_sees_all():
-    m = history_mask(torch.tensor([0, 1, 2, 3]), n_target=2, chunk=2)
+def test_window_layout_of_full_is_block_causal_history_and_a_target_that_sees_all():
+    """For `full` (the default), the layout the single-window path always had."""
+    from cf.memory import build_policy
+
+    policy = build_policy(_cfg("memory.policy=full").memory, 2)
+    m = window_layout(policy, n_hist=4, n_target=2, chunk=2)
     assert m[:4, :4].tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]]
     assert m[4:].all() and not m[:4, 4:].any()
+
+
+ACCEPTED = [  # every teacher.memory the single-window path accepts at smoke (window 4, sink 1, slow 2)
+    ("teacher.memory=full",),
+    ("teacher.memory=sliding",),  # bounded positions: a shift RoPE cannot see
+    ("teacher.memory=sliding", "memory.bounded_positions=false"),
+    ("teacher.memory=sink", "memory.bounded_positions=false"),
+    ("teacher.memory=slowfast", "memory.promotion=uniform", "memory.bounded_positions=false"),
+]
+
+
+def _window_forward(module, batch, step):
+    """The loss's forward on step `step`'s window (noise drawn here): (target prediction, n_hist, start,
+    x_t, sigma)."""
+    from cf.diffusion import add_noise
+
+    video, camera = batch["video"].double(), batch["camera"].double()
+    hist, x0, cam, time_pos, mask, _ = module._window_inputs(dict(batch, video=video, camera=camera), step)
+    n_hist, start = module.draw_window(step, video.shape[1])
+    g = torch.Generator().manual_seed(step)
+    sigma = torch.rand(x0.shape[0], 1, generator=g, dtype=torch.float64).expand(-1, x0.shape[1])
+    x_t = add_noise(x0, torch.randn(x0.shape, generator=g, dtype=torch.float64), sigma)
+    net, n = module.net, module.cfg.diffusion.num_timesteps
+    cond = net.make_cond(batch["prompt"], camera=cam)
+    sig = torch.cat([torch.zeros(sigma.shape[0], n_hist), sigma], 1)
+    pred = denoise(net, torch.cat([hist, x_t], 1), sig, cond, num_timesteps=n, time_pos=time_pos,
+                   frame_mask=mask).pred[:, n_hist:]
+    return pred, n_hist, start, x_t, sigma
+
+
+def _cached_forward(module, batch, n_hist, start, x_t, sigma):
+    """The same target through a cache of the teacher's policy: the history written chunk by chunk
+    (`prefill`), then one forward of the noisy target on the cache's read."""
+    from cf.memory import KVCache
+    from cf.rollout import prefill, read_for_query
+
+    video, camera = batch["video"].double(), batch["camera"].double()
+    net, n_target = module.net, module.n_target
+    cond = net.make_cond(batch["prompt"], camera=camera[:, start:start + n_hist + n_target])
+    cache = KVCache(module.policy)
+    prefill(net, cache, video[:, start:start + n_hist], cond)
+    read = read_for_query(net, cache, n_target)
+    return denoise(net, x_t, sigma, cond.frames(n_hist, n_hist + n_target),
+                   num_timesteps=module.cfg.diffusion.num_timesteps, time_pos=read.query_positions,
+                   read=read).pred
+
+
+@pytest.mark.parametrize("overrides", ACCEPTED, ids=lambda o: " ".join(o))
+def test_window_forward_equals_the_cached_read_for_every_accepted_policy(batch, overrides):
+    """The single-window training forward gives the target exactly what a cache of teacher.memory gives it
+    (history written chunk by chunk, then read), in float64, for every history length a step draws.
+    Before, a sliding teacher (window 4) read its selected frames as if they had seen each other only:
+    1.2e-3 off."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        module = TeacherModule(_cfg("teacher.context_frames=6", *overrides))
+        torch.nn.init.normal_(module.net.head.weight, std=0.5)  # outputs of order 1, so differences show
+        lengths = set()
+        for step in range(12):
+            pred, n_hist, start, x_t, sigma = _window_forward(module, batch, step)
+            cached = _cached_forward(module, batch, n_hist, start, x_t, sigma)
+            assert (pred - cached).abs().max() < 1e-12, (step, n_hist)
+            lengths.add(n_hist)
+        assert lengths == {2, 4, 6}  # every drawn history length was checked
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_the_old_selection_was_off_for_a_sliding_teacher(batch):
+    """What the test above would catch: the former layout (the policy's read frames only, block-causal among
+    themselves) against the cache, for sliding (window 4) after 6 history frames."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        module = TeacherModule(_cfg("teacher.context_frames=6", "teacher.memory=sliding"))
+        torch.nn.init.normal_(module.net.head.weight, std=0.5)
+        video, camera, net = batch["video"].double(), batch["camera"].double(), module.net
+        n_hist, t = 6, module.n_target
+        plan = module.policy.plan(n_hist, n_query=t)
+        assert plan.indices.tolist() == [4, 5]
+        k = len(plan.indices)
+        old_mask = torch.ones(k + t, k + t, dtype=torch.bool)
+        old_mask[:k, k:] = False
+        x_t, sigma = torch.randn(2, t, 3, 16, 16), torch.full((2, t), 0.5)
+        cam = torch.cat([camera[:, plan.indices], camera[:, n_hist:n_hist + t]], 1)
+        old = denoise(net, torch.cat([video[:, plan.indices], x_t], 1),
+                      torch.cat([torch.zeros(2, k), sigma], 1), net.make_cond(batch["prompt"], camera=cam),
+                      num_timesteps=1000, time_pos=torch.cat([plan.positions, plan.query_positions]),
+                      frame_mask=old_mask).pred[:, k:]
+        cached = _cached_forward(module, batch, n_hist, 0, x_t, sigma)
+        assert (old - cached).abs().max() > 1e-4
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("overrides, why", [
+    (("teacher.memory=slowfast",), "memory.promotion=similarity"),
+    (("teacher.memory=sink",), "memory.bounded_positions=true"),
+    (("teacher.memory=slowfast", "memory.promotion=uniform"), "memory.bounded_positions=true"),
+])
+def test_a_teacher_memory_the_window_cannot_replay_is_refused(overrides, why):
+    from cf.errors import CfError
+
+    with pytest.raises(CfError, match=r"teacher.memory='\w+' cannot be trained exactly") as e:
+        TeacherModule(_cfg(*overrides))
+    assert why in str(e.value) and "Accepted with these memory.* settings: full, sliding;" in str(e.value)
 
 
 def test_erft_bank_fills_and_survives_a_checkpoint(batch):

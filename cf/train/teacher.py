@@ -3,8 +3,11 @@
 A training sample is a clip cut into [history ; target]: a history of random length (a multiple
 of the chunk, up to `teacher.context_frames`) read through the teacher's memory policy, then a
 target window of `teacher.target_chunks` chunks that attend to each other bidirectionally. One
-forward runs over [selected history ; noisy target] with a frame mask (history block-causal, as
-the cache would have seen it; the target sees all of it). The loss is on the target only.
+forward runs over [history ; noisy target] with a frame mask that replays the cache exactly: each
+history chunk sees what the policy read when it was written, the target what it reads after the
+whole history (`window_layout`). A policy that cannot be replayed so (one that promotes by key
+similarity, or compacts positions around a sink or slow memory) is refused when the module is
+built. The loss is on the target only.
 
 With `erft=True` (the `teacher_erft` stage) the module also keeps a `ResidualBank` of its own
 x0 errors and perturbs history, target and noise with them (cf.train.erft).
@@ -18,10 +21,10 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from cf.diffusion import add_noise, denoise, encode_clean, loss_weight, sample_sigma, target
+from cf.diffusion import add_noise, denoise, loss_weight, sample_sigma, target
 from cf.errors import CfError
-from cf.memory import build_policy
-from cf.model import CausalVideoDiT, Cond, block_causal_mask
+from cf.memory import POLICIES, build_policy
+from cf.model import CausalVideoDiT, Cond
 from cf.train.base import EMA, EMACheckpoint, adamw_with_schedule, step_generator
 from cf.train.erft import ResidualBank, draw_injection
 
@@ -35,19 +38,41 @@ def teacher_policy(cfg):
     return build_policy(mem, cfg.model.frames_per_chunk)
 
 
-def history_mask(indices: Tensor, n_target: int, chunk: int) -> Tensor:
-    """[K + T, K + T] bool frame mask over [selected history ; target].
+def replayed_read(policy, n_hist: int, n_query: int) -> Tensor | None:
+    """Which of `n_hist` history frames a query of `n_query` frames placed right after them reads through
+    `policy` ([K] long), when one forward with the frames' indices as time positions replays that read
+    exactly; None when it cannot.
 
-    History frame i sees history frame j when j's chunk is not after i's (what the cache held
-    when i was written); the target sees every history frame and itself; history never sees the
-    target.
+    It can when the policy does not promote by key similarity (promotions depend on the mean keys a
+    cache computes chunk by chunk) and its time positions, of the read and of the query, are the frame
+    indices up to one shift: RoPE only sees differences, so a sliding window's bounded (compacted)
+    positions qualify, a sink or slow memory compacted next to the fast window does not.
     """
-    k = len(indices)
-    c = indices // chunk
-    m = torch.zeros(k + n_target, k + n_target, dtype=torch.bool)
-    m[:k, :k] = c[None, :] <= c[:, None]
-    m[k:, :] = True
-    return m
+    if policy.needs_keys:
+        return None
+    plan = policy.plan(n_hist, None, n_query=n_query)
+    shift = plan.query_positions - torch.arange(n_hist, n_hist + n_query)
+    if bool((shift != shift[0]).any()) or bool((plan.positions - plan.indices != shift[0]).any()):
+        return None
+    return plan.indices
+
+
+def window_layout(policy, n_hist: int, n_target: int, chunk: int) -> Tensor | None:
+    """[n_hist + n_target]^2 bool frame mask of one forward over [history ; target] that gives every frame
+    what a cache of `policy` started at the history's first frame gives it: history chunk j attends to the
+    policy's read when it was written and to itself; the target (bidirectional inside) to the read after
+    the whole history and to itself; the history never sees the target. Time positions: the frame
+    indices. None when the policy's reads cannot be replayed (`replayed_read`).
+    """
+    n = n_hist + n_target
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for lo, hi in [(f0, f0 + chunk) for f0 in range(0, n_hist, chunk)] + [(n_hist, n)]:
+        read = replayed_read(policy, lo, hi - lo)
+        if read is None:
+            return None
+        mask[lo:hi, read] = True
+        mask[lo:hi, lo:hi] = True
+    return mask
 
 
 def dense_layout(policy, n_frames: int, chunk: int, min_chunks: int, context_frames: int):
@@ -59,7 +84,8 @@ def dense_layout(policy, n_frames: int, chunk: int, min_chunks: int, context_fra
     chunk (what the cache saw when they were written), its noisy copy to the same history and to
     itself. Time positions are the frames' indices, which RoPE only sees as differences, so one
     forward equals each chunk's own forward after its own history. Returns (number of clean frames,
-    target chunk indices, frame mask [K + T, K + T] bool).
+    target chunk indices, frame mask [K + T, K + T] bool), or None when the policy's reads cannot be
+    replayed (`replayed_read`).
     """
     n_chunks = n_frames // chunk
     targets = list(range(max(min_chunks, 0), n_chunks))
@@ -70,16 +96,10 @@ def dense_layout(policy, n_frames: int, chunk: int, min_chunks: int, context_fra
     reads = []
     for j in range(n_chunks):
         lo = max(0, j * chunk - context_frames)
-        n_hist = j * chunk - lo
-        plan = None if policy.needs_keys else policy.plan(n_hist, None, n_query=chunk)
-        query = torch.arange(n_hist, n_hist + chunk)
-        if plan is None or not (torch.equal(plan.positions, plan.indices)
-                                and torch.equal(plan.query_positions, query)):
-            raise CfError(f"teacher.dense needs a teacher memory whose time positions are frame indices and "
-                          f"that does not promote by key similarity; teacher.memory={policy.name!r} is not "
-                          f"one: set teacher.memory=full (or sliding/sink with "
-                          f"memory.bounded_positions=false), or teacher.dense=false")
-        reads.append(plan.indices + lo)
+        read = replayed_read(policy, j * chunk - lo, chunk)
+        if read is None:
+            return None
+        reads.append(read + lo)
     n = n_clean + len(targets) * chunk
     mask = torch.zeros(n, n, dtype=torch.bool)
     for j in range(n_chunks - 1):  # clean chunk j: its history and itself
@@ -91,6 +111,40 @@ def dense_layout(policy, n_frames: int, chunk: int, min_chunks: int, context_fra
         mask[rows, reads[j]] = True
         mask[rows, rows] = True
     return n_clean, targets, mask
+
+
+def teacher_layouts(cfg, policy, min_hist: int, max_hist: int):
+    """The teacher's one-forward layouts for `policy`: `dense_layout` of the clip (teacher.dense), else
+    {history frames: `window_layout`} for every history length a sample can draw ([min_hist, max_hist]
+    chunks). None when the policy's reads cannot be replayed in one forward."""
+    chunk = cfg.model.frames_per_chunk
+    if cfg.teacher.dense:
+        return dense_layout(policy, cfg.data.clip_frames, chunk, min_hist, cfg.teacher.context_frames)
+    n_target = cfg.teacher.target_chunks * chunk
+    windows = {m * chunk: window_layout(policy, m * chunk, n_target, chunk)
+               for m in range(min_hist, max_hist + 1)}
+    return None if any(w is None for w in windows.values()) else windows
+
+
+def refuse_teacher_memory(cfg, policy, min_hist: int, max_hist: int) -> CfError:
+    """The error for a teacher.memory the one-forward training cannot replay: why, and what works."""
+    accepted = []
+    for name in POLICIES:
+        mem = copy.deepcopy(cfg.memory)
+        mem.policy = name
+        other = build_policy(mem, cfg.model.frames_per_chunk)
+        if teacher_layouts(cfg, other, min_hist, max_hist) is not None:
+            accepted.append(name)
+    why = ("it promotes frames by the similarity of mean keys that only a cache computes, chunk by chunk "
+           "(memory.promotion=similarity)" if policy.needs_keys else
+           "its time positions are not the frames' indices up to one shift (memory.bounded_positions=true "
+           "compacts a sink or slow memory next to the fast window), so no one position per frame serves "
+           "every read")
+    layout = "teacher.dense=true" if cfg.teacher.dense else "teacher.dense=false: one window"
+    return CfError(f"teacher.memory={policy.name!r} cannot be trained exactly as a cache reads it: the "
+                   f"teacher replays its history's reads in one forward ({layout}), and {why}. Accepted "
+                   f"with these memory.* settings: {', '.join(accepted)}; set teacher.memory=full (every "
+                   f"frame at its own index), or memory.bounded_positions=false / memory.promotion=uniform")
 
 
 def dense_frames(n_clean: int, targets: list[int], chunk: int) -> Tensor:
@@ -116,10 +170,11 @@ class TeacherModule(EMACheckpoint, pl.LightningModule):
         if self.min_hist > self.max_hist:
             raise CfError(f"teacher.min_context_frames={cfg.teacher.min_context_frames} exceeds the longest "
                           f"history that fits ({self.max_hist * self.chunk} frames)")
-        # the dense layout depends only on the clip length: built once (which also refuses a policy the
-        # one-forward layout cannot replay now, not at step 1)
-        self.dense = (dense_layout(self.policy, cfg.data.clip_frames, self.chunk, self.min_hist,
-                                   cfg.teacher.context_frames) if cfg.teacher.dense else None)
+        # the layouts depend only on the clip and history lengths: built once, which also refuses a policy
+        # the one-forward training cannot replay exactly now, not at step 1
+        self.layouts = teacher_layouts(cfg, self.policy, self.min_hist, self.max_hist)
+        if self.layouts is None:
+            raise refuse_teacher_memory(cfg, self.policy, self.min_hist, self.max_hist)
         self.erft = erft
         if erft:
             shape = (cfg.model.channels, cfg.data.height, cfg.data.width)
@@ -150,7 +205,7 @@ class TeacherModule(EMACheckpoint, pl.LightningModule):
         null = torch.rand(b, generator=g) < cfg.teacher.cond_drop
         cond = self.net.make_cond(batch["prompt"], camera=None, null=null.to(self.device))
         build = self._dense_inputs if cfg.teacher.dense else self._window_inputs
-        x_clean, x0, cam, time_pos, mask, n_sigma = build(batch, step, cond)
+        x_clean, x0, cam, time_pos, mask, n_sigma = build(batch, step)
 
         sigma = sample_sigma((b, n_sigma), cfg.diffusion.train_shift, generator=g, device=self.device)
         sigma = sigma.to(x0.dtype).repeat_interleave(x0.shape[1] // n_sigma, dim=1)  # [B, T] per frame
@@ -179,28 +234,24 @@ class TeacherModule(EMACheckpoint, pl.LightningModule):
             logs["teacher/bank_filled"] = torch.tensor(float(self.bank.filled()))
         return per_frame.mean(), logs
 
-    def _window_inputs(self, batch: dict, step: int, cond: Cond):
-        """One target window after a random-length history read through the policy: (clean frames
-        [B, K, ...], target x0 [B, T, ...], cameras of the sequence, time positions, frame mask, 1)."""
+    def _window_inputs(self, batch: dict, step: int):
+        """One target window after a random-length history, laid out as the teacher's cache would read it
+        (`window_layout`): (clean history [B, K, ...], target x0 [B, T, ...], cameras of the sequence,
+        time positions, frame mask, 1)."""
         video, camera = batch["video"], batch["camera"]
         n_hist, start = self.draw_window(step, video.shape[1])
-        hist = video[:, start:start + n_hist]
-        x0 = video[:, start + n_hist:start + n_hist + self.n_target]
-        cam = camera[:, start:start + n_hist + self.n_target]
-        plan = self.policy.plan(n_hist, self._mean_keys(hist, cam, cond), n_query=self.n_target)
-        idx = plan.indices.to(self.device)
-        seq_cam = torch.cat([cam[:, idx], cam[:, n_hist:]], dim=1)
-        time_pos = torch.cat([plan.positions, plan.query_positions])
-        return hist[:, idx], x0, seq_cam, time_pos, history_mask(plan.indices, self.n_target, self.chunk), 1
+        n = n_hist + self.n_target
+        hist, x0 = video[:, start:start + n_hist], video[:, start + n_hist:start + n]
+        return hist, x0, camera[:, start:start + n], torch.arange(n), self.layouts[n_hist], 1
 
-    def _dense_inputs(self, batch: dict, step: int, cond: Cond):
+    def _dense_inputs(self, batch: dict, step: int):
         """Teacher forcing: every chunk from the shortest history on is a target, read by its own noisy
         copy; see `dense_layout`. Same return as `_window_inputs`, with one noise level per target chunk."""
         video, camera = batch["video"], batch["camera"]
         if video.shape[1] != self.cfg.data.clip_frames:
             raise CfError(f"the batch has {video.shape[1]}-frame clips; the dense teacher was laid out for "
                           f"data.clip_frames={self.cfg.data.clip_frames}")
-        n_clean, targets, mask = self.dense
+        n_clean, targets, mask = self.layouts
         frames = dense_frames(n_clean, targets, self.chunk)
         x0 = video[:, frames[n_clean:]]
         return video[:, :n_clean], x0, camera[:, frames], frames, mask, len(targets)
@@ -212,17 +263,6 @@ class TeacherModule(EMACheckpoint, pl.LightningModule):
         n_hist = self.chunk * int(torch.randint(self.min_hist, self.max_hist + 1, (1,), generator=shared))
         start = int(torch.randint(0, clip_frames - n_hist - self.n_target + 1, (1,), generator=shared))
         return n_hist, start
-
-    def _mean_keys(self, hist: Tensor, cam: Tensor, cond: Cond) -> Tensor | None:
-        """Mean keys of the history frames, for policies that promote by key similarity."""
-        if not self.policy.needs_keys or hist.shape[1] == 0:
-            return None
-        n = hist.shape[1]
-        with torch.no_grad():
-            c = Cond(text=cond.text, text_mask=cond.text_mask, camera=cam[:, :n], null=cond.null)
-            out = encode_clean(self.net, hist, c, time_pos=torch.arange(n, device=self.device),
-                               frame_mask=block_causal_mask(n, self.chunk, self.device))
-        return out.mean_key
 
     def _inject(self, hist: Tensor, x0: Tensor, noise: Tensor, sigma: Tensor, g: torch.Generator):
         """ERFT: add recycled errors to history, clean target and noise, per the drawn injection."""
