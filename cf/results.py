@@ -153,6 +153,17 @@ def _stage_table(df: pd.DataFrame, metric: str, untrained: str, spec: str, scale
     return markdown(pd.DataFrame(out))
 
 
+def _realism_table(df: pd.DataFrame) -> str | None:
+    """`_stage_table` of the realism FD, on whichever backbone the stage evaluations used."""
+    import re
+
+    found = [m for c in df.columns if (m := re.match(r"^student/distilled_realism_fd_([a-z0-9]+)$", c))]
+    if not found:
+        return None
+    bb = found[0][1]
+    return _stage_table(df, f"distilled_realism_fd_{bb}", f"untrained_realism_fd_{bb}", ".1f", 1.0)
+
+
 def _time_table(df: pd.DataFrame) -> str | None:
     """Minutes each stage took to train (cached stages: when they were trained)."""
     from cf.bench.tables import fmt, markdown, row_label
@@ -198,6 +209,18 @@ def render(name: str, rows: pd.DataFrame, description: str = "") -> str:
             lambda: _stage_table(
                 rows, "distilled_first_frame_consistency", "untrained_first_frame_consistency", ".2f", 100.0
             ),
+        ),
+        (
+            "Generator stages vs the untrained student: revisit retention (1 = reproduces what it showed, "
+            "0 = chance), held-out worlds",
+            lambda: _stage_table(
+                rows, "distilled_revisit_retention", "untrained_revisit_retention", ".2f", 1.0
+            ),
+        ),
+        (
+            "Generator stages: realism, Fréchet distance to real clips of the world (lower is better; "
+            "the world itself scores its own sampling spread)",
+            lambda: _realism_table(rows),
         ),
         ("Training time per stage (minutes)", lambda: _time_table(rows)),
     )
