@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from cf.diffusion import Sampler, denoise, encode_clean, guide, randn_like, to_x0
+from cf.diffusion import Guided, Sampler, denoise, encode_clean, randn_like, to_x0
 from cf.errors import CfError
 from cf.memory import KVCache
 from cf.model import CacheRead, Cond
@@ -91,12 +91,12 @@ def rollout(
     param = next(model.parameters())
     b = _batch_size(cond, context, noise)
     frame_shape = (model.channels, model.height, model.width)
-    run_cond = cond.with_null(b) if guidance != 1 else cond
-    twice = (lambda t: torch.cat([t, t])) if guidance != 1 else (lambda t: t)
+    guided = Guided(guidance)
+    run_cond = guided.cond(cond, b)
 
     cache.reset()
     if context is not None:
-        prefill(model, cache, twice(context), run_cond)
+        prefill(model, cache, guided.twice(context), run_cond)
 
     outputs = []
     for j in range(n_chunks):
@@ -137,25 +137,23 @@ def chunk_step(
     only if `grad`), then writes the clean chunk at sigma 0 without gradient (if `write`). cond is
     this chunk's conditioning, already [cond ; null] doubled when guidance != 1. Returns x0.
     """
-    twice = (lambda t: torch.cat([t, t])) if guidance != 1 else (lambda t: t)
+    guided = Guided(guidance)
     read = read_for_query(model, cache)
     for i in range(exit_step + 1):
         sigma = sampler.sigmas[i]
         with torch.set_grad_enabled(grad and i == exit_step):
-            xin = twice(x)
+            xin = guided.twice(x)
             sig = xin.new_full(xin.shape[:2], sigma)
             pred = denoise(model, xin, sig, cond, num_timesteps=sampler.num_timesteps,
                            time_pos=read.query_positions, read=read).pred
-            x0 = to_x0(pred, xin, sig, model.prediction)
-            if guidance != 1:
-                x0 = guide(*x0.chunk(2), guidance)
+            x0 = guided.combine(to_x0(pred, xin, sig, model.prediction))
         for cb in callbacks:
             cb.on_step(index, i, x, x0, sigma)
         if i < exit_step:
             with torch.no_grad():
                 x = sampler.step(x, x0, i, generator)
     if write:
-        write_clean(model, cache, twice(x0), cond, read)
+        write_clean(model, cache, guided.twice(x0), cond, read)
     return x0
 
 

@@ -100,6 +100,12 @@ def test_bad_cdmd_settings_fail_with_the_key():
         CDMDModule(_cfg("context_forcing", "cdmd.t_min=990"), 1)
 
 
+def test_the_real_score_is_guided_by_its_stage_unless_nothing_conditions_it():
+    assert [CDMDModule(_cfg(), stage).guidance for stage in (1, 2)] == [3.0, 5.0]  # cdmd.cfg_stage1 / 2
+    bare = _cfg("context_forcing", "model.text_encoder=none", "model.camera=false")
+    assert CDMDModule(bare, 2).guidance == 1.0
+
+
 # ---------------------------------------------------------------------- gradients and history
 
 

@@ -9,12 +9,16 @@ import torch
 
 from cf.config import load_config
 from cf.diffusion import (
+    ROLES,
+    Guided,
     add_noise,
     build_sampler,
     edm_coefficients,
     euler,
     few_step,
+    guidance_scale,
     guide,
+    is_conditioned,
     loss_weight,
     sample_sigma,
     shift_sigma,
@@ -148,3 +152,32 @@ def test_loss_weights_per_parameterisation():
     c_out = edm_coefficients(sigma, cfg.sigma_data)[2]
     assert torch.allclose(loss_weight(sigma, cfg), c_out.pow(-2))
     assert torch.isfinite(loss_weight(torch.zeros(1), cfg)).all()  # sigma 0 is floored, not infinite
+
+
+def test_guidance_is_resolved_by_role_in_one_place():
+    """Every role's scale comes from its one key; a model with nothing to guide gets 1 in every role."""
+    cfg = load_config("smoke", overrides=["diffusion.cfg_scale=2.0"])
+    assert {r: guidance_scale(cfg, r) for r in ROLES} == {
+        "teacher": 2.0, "ode_targets": 3.0, "student": 1.0, "real_score_1": 3.0, "real_score_2": 5.0}
+    bare = load_config("smoke", overrides=["diffusion.cfg_scale=2.0", "model.text_encoder=none",
+                                           "model.camera=false"])
+    assert not is_conditioned(bare.model) and is_conditioned(cfg.model)
+    assert {guidance_scale(bare, r) for r in ROLES} == {1.0}
+    text_only = load_config("smoke", overrides=["model.camera=false"])
+    assert guidance_scale(text_only, "real_score_2") == 5.0
+    with pytest.raises(ValueError, match="guidance role 'critic' is not one of teacher, ode_targets"):
+        guidance_scale(cfg, "critic")
+
+
+def test_guided_call_doubles_the_batch_only_when_it_guides():
+    from cf.model import Cond
+
+    x = torch.arange(6.0).view(2, 3)
+    cond = Cond(camera=torch.zeros(2, 4, 2))
+    off, on = Guided(1.0), Guided(3.0)
+    assert off.twice(x) is x and off.cond(cond, 2) is cond and off.combine(x) is x
+    assert torch.equal(on.twice(x), torch.cat([x, x]))
+    both = on.cond(cond, 2)
+    assert both.null.tolist() == [False, False, True, True] and both.camera.shape == (4, 4, 2)
+    x0 = torch.cat([x, torch.zeros_like(x)])  # [cond ; null]
+    assert torch.equal(on.combine(x0), guide(x, torch.zeros_like(x), 3.0)) and on.combine(x0).shape == x.shape

@@ -48,6 +48,21 @@ def test_generate_continues_from_world_context(tmp_path):
     assert meta["context_frames"] == 4 and meta["sampler"] == "teacher" and meta["guidance"] == 2.0
 
 
+@pytest.mark.parametrize("sampler, overrides, want", [
+    ("teacher", ["diffusion.cfg_scale=2.5"], 2.5),  # the teacher role: diffusion.cfg_scale
+    ("student", ["diffusion.cfg_scale=2.5"], 1.0),  # the student role: guidance distilled in
+    ("teacher", ["diffusion.cfg_scale=2.5", "model.text_encoder=none", "model.camera=false"], 1.0),  # nothing
+])
+def test_generate_takes_its_default_guidance_from_the_role(sampler, overrides, want):
+    from cf.commands.generate import generate
+    from cf.config import load_config
+    from cf.model import build_model
+
+    cfg = load_config("smoke", overrides=overrides)
+    _, meta = generate(cfg, build_model(cfg).eval(), 1, sampler=sampler)
+    assert meta["guidance"] == want
+
+
 @pytest.mark.slow
 def test_generate_a_minute(tmp_path):
     _check_video(_generate(tmp_path, 60), 480, 8)

@@ -101,3 +101,23 @@ def test_student_reads_the_clean_history_not_its_own_states():
 def test_context_frames_must_be_whole_chunks():
     with pytest.raises(CfError, match="student.context_frames=3"):
         StudentModule(_cfg("student.context_frames=3"))
+
+
+@pytest.mark.parametrize("overrides, want", [
+    ((), 3.0), (("model.text_encoder=none", "model.camera=false"), 1.0)])
+def test_ode_targets_are_sampled_with_the_ode_targets_guidance(monkeypatch, overrides, want):
+    """The teacher samples the ODE pairs at student.guidance (3 at smoke), 1 when nothing conditions it."""
+    import cf.train.student as student
+
+    seen = []
+
+    def spy(*args, guidance, **kwargs):
+        seen.append(guidance)
+        return student_rollout(*args, guidance=guidance, **kwargs)
+
+    student_rollout = student.rollout
+    monkeypatch.setattr(student, "rollout", spy)
+    cfg = _cfg("student.ode_pairs=1", *overrides)
+    torch.manual_seed(0)
+    sample_ode_pairs(CausalVideoDiT(cfg.model, cfg.data).eval(), cfg, progress=False)
+    assert seen == [want]

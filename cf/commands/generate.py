@@ -86,7 +86,7 @@ def generate(cfg, model, n_chunks: int, *, sampler: str = "student", guidance: f
 
     from cf.config import config_hash
     from cf.data.world import World
-    from cf.diffusion import build_sampler
+    from cf.diffusion import STUDENT, TEACHER, build_sampler, guidance_scale
     from cf.errors import CfError
     from cf.memory import KVCache, build_policy
     from cf.model import attention_kernels, precision
@@ -105,7 +105,8 @@ def generate(cfg, model, n_chunks: int, *, sampler: str = "student", guidance: f
     xs = torch.from_numpy(world.camera_x(0, total)).to(torch.float64)
     camera = torch.stack([xs, torch.zeros_like(xs)], dim=1)  # [F, 2]; the world's camera pans in x
     clean = world.render(context).video[None].to(device, dtype) if context else None
-    guidance = (1.0 if sampler == "student" else cfg.diffusion.cfg_scale) if guidance is None else guidance
+    if guidance is None:
+        guidance = guidance_scale(cfg, STUDENT if sampler == "student" else TEACHER)
     gen = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad(), precision(cfg.model, device), attention_kernels(cfg.model):
         cond = model.make_cond([world.prompt], camera=camera[None].to(device))

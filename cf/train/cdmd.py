@@ -35,7 +35,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cf.diffusion import add_noise, build_sampler, denoise, guide, loss_weight, sample_sigma, to_x0
+from cf.diffusion import (
+    REAL_SCORE_1,
+    REAL_SCORE_2,
+    Guided,
+    add_noise,
+    build_sampler,
+    denoise,
+    guidance_scale,
+    loss_weight,
+    sample_sigma,
+    to_x0,
+)
 from cf.errors import CfError
 from cf.memory import KVCache, MemoryPolicy, build_policy
 from cf.model import CausalVideoDiT, Cond
@@ -210,9 +221,9 @@ def score_window(
             f"{chunk}-frame chunks"
         )
     b = frames.shape[0]
-    twice = (lambda t: torch.cat([t, t])) if guidance != 1 else (lambda t: t)
-    local = cond.frames(start, frames.shape[1])
-    run_cond = local.with_null(b) if guidance != 1 else local
+    guided = Guided(guidance)
+    twice = guided.twice
+    run_cond = guided.cond(cond.frames(start, frames.shape[1]), b)
     cache = KVCache(policy)
     if first > start:
         prefill(net, cache, twice(frames[:, start:first]), run_cond)
@@ -226,7 +237,7 @@ def score_window(
         pred = denoise(net, twice(x_t), twice(sig), c, num_timesteps=num_timesteps,
                        time_pos=read.query_positions, read=read).pred
         x0 = to_x0(pred, twice(x_t), twice(sig), net.prediction)
-        out.append(guide(*x0.chunk(2), guidance) if guidance != 1 else x0)
+        out.append(guided.combine(x0))
         if f0 + chunk < frames.shape[1]:
             write_clean(net, cache, twice(clean), c, read)
     return torch.cat(out, dim=1)
@@ -253,9 +264,7 @@ class CDMDModule(EMACheckpoint, pl.LightningModule):
         # how the teacher and the critic read the generated history (see the module doc)
         self.score_policy, self.short_history = score_reading(cfg)
         self.sampler = build_sampler(cfg.diffusion, "student")
-        has_cond = cfg.model.text_encoder != "none" or cfg.model.camera
-        scale = cfg.cdmd.cfg_stage1 if stage == 1 else cfg.cdmd.cfg_stage2
-        self.guidance = float(scale) if has_cond else 1.0
+        self.guidance = guidance_scale(cfg, REAL_SCORE_1 if stage == 1 else REAL_SCORE_2)
         self.ema = EMA(self.net, cfg.cdmd.ema)
 
     def load_start(self, teacher: dict[str, Tensor], generator: dict[str, Tensor]) -> None:

@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from cf.diffusion import Sampler, build_sampler, denoise, to_x0
+from cf.diffusion import ODE_TARGETS, Sampler, build_sampler, denoise, guidance_scale, to_x0
 from cf.errors import CfError
 from cf.memory import KVCache, build_policy
 from cf.model import CausalVideoDiT
@@ -87,8 +87,7 @@ def sample_ode_pairs(
     sampler = build_sampler(cfg.diffusion, "teacher")
     levels = student_levels(build_sampler(cfg.diffusion, "student"))
     policy = teacher_policy(cfg)
-    has_cond = cfg.model.text_encoder != "none" or cfg.model.camera
-    guidance = float(s.guidance) if has_cond else 1.0
+    guidance = guidance_scale(cfg, ODE_TARGETS)
     device = next(teacher.parameters()).device
     out: dict[str, list[Tensor]] = {"context": [], "video": [], "states": [], "camera": []}
     prompts: list[str] = []
