@@ -31,6 +31,7 @@ def rows():
                 "fps": 17.04,
                 "total": 0.8245,
                 "dynamic_degree": 0.5,
+                "moving_fraction": 0.625,
                 "motion_smoothness": 0.98765,
                 "drift_first_to_last": -0.0356,
                 "realism_fd_imagenet": 12.345,
@@ -90,13 +91,13 @@ def test_table2_renders_known_rows_exactly(rows):
     got = tables.table2(rows).splitlines()
     head = [c.strip() for c in got[0].split("|")[1:-1]]
     assert head == ["model", "FPS", "Total", "Subj (dino)", "BG (clip)", "Subj long-range (dino)",
-                    "BG long-range (clip)", "Dynamic", "Smooth", "Drift", "FD (imagenet)", "Retention",
-                    "Context (s)"]
+                    "BG long-range (clip)", "Dynamic", "Moving", "Smooth", "Drift", "FD (imagenet)",
+                    "Retention", "Context (s)"]
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in got[2:]]
     assert cells[0] == ["context_forcing (slowfast)", "17.0", "82.45", "95.68", "95.95", "90.00", "80.00",
-                        "50.00", "98.77", "-3.56", "12.3", "0.88", "≥40.00"]
+                        "50.00", "62.50", "98.77", "-3.56", "12.3", "0.88", "≥40.00"]
     assert cells[1] == ["longlive (sink) [untrained]", "20.7", "-", "93.05", "94.92", "-", "70.00", "0.00",
-                        "90.00", "+1.00", "-", "0.10", "1.50"]
+                        "-", "90.00", "+1.00", "-", "0.10", "1.50"]
 
 
 def test_one_backbone_for_both_consistencies_is_one_column_named_after_it():

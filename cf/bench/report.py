@@ -58,6 +58,14 @@ def write_video_files(
     return [gif, mp4, exact, atomic_write_json(stem.with_suffix(".json"), sidecar), mask_file]
 
 
+def _reference(ref: dict) -> str:
+    """A realism reference's description in a few words (bench.json keeps all of it)."""
+    what = f"{ref.get('frames')} real frames"
+    if ref.get("source") == "world":
+        return f"{what} of {len(ref.get('seeds', []))} world clips from reference seeds"
+    return f"{what} from {ref.get('path')}"
+
+
 def write_results(result: BenchResult, out_dir: Path, scorer, entries: list[Entry], cfg) -> list[Path]:
     """results/: the four CSVs, the Markdown tables (titled with what produced them) and bench.json."""
     res = out_dir / "results"
@@ -77,7 +85,7 @@ def write_results(result: BenchResult, out_dir: Path, scorer, entries: list[Entr
         f"backbone: {info['backbone_label']}"
         + ("" if info["background_backbone"] == info["backbone"]
            else f"; background: {info['background_backbone_label']}")
-        + (f"; realism reference: {info['realism']['reference']}" if info.get("realism") else "")
+        + (f"; realism: against {_reference(info['realism']['reference'])}" if info.get("realism") else "")
     )
     if any(e.generator is None for e in entries):
         note += "; [untrained]: random weights, not a trained method"

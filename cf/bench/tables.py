@@ -113,7 +113,8 @@ def table1(df: pd.DataFrame) -> str:
 
 
 def table2(df: pd.DataFrame) -> str:
-    """Table 2-style summary: FPS, Total, the consistency columns (x100), Dynamic, Smooth, Drift (x100,
+    """Table 2-style summary: FPS, Total, the consistency columns (x100), Dynamic (and Moving, the share of
+    frame pairs that move), Smooth, Drift (x100,
     first to last segment), realism (Fréchet distance, lower is better), revisit retention over all pairs
     and the effective context in seconds ("≥" where only a lower bound)."""
     _check(df, "table 2")
@@ -124,6 +125,7 @@ def table2(df: pd.DataFrame) -> str:
         for col, head in consistency_heads(df, term):
             out[head] = _cells(df, col, ".2f", 100.0)
     out["Dynamic"] = _cells(df, "dynamic_degree", ".2f", 100.0)
+    out["Moving"] = _cells(df, "moving_fraction", ".2f", 100.0)
     out["Smooth"] = _cells(df, "motion_smoothness", ".2f", 100.0)
     out["Drift"] = _cells(df, "drift_first_to_last", "+.2f", 100.0)
     for col in df.columns:
