@@ -7,7 +7,8 @@ history), every baseline. What differs is the model, the cache's policy and the 
 Per chunk: read the history the policy selects (rotated once), run the sampler's steps on
 fresh noise (the exit step's x0 prediction is the chunk), then re-run the clean chunk at
 sigma 0 without gradient and write its keys/values to the cache. Observers hook in through
-callbacks; the loop itself has no prints, timers or branches for them.
+callbacks; the loop itself has no prints, timers or branches for them. `teacher_forced` is the
+same chunk loop when the clean frames are given instead of generated (student fitting, DMD scores).
 """
 
 from __future__ import annotations
@@ -155,6 +156,46 @@ def chunk_step(
     if write:
         write_clean(model, cache, guided.twice(x0), cond, read)
     return x0
+
+
+def teacher_forced(
+    model: torch.nn.Module,
+    cache: KVCache,
+    cond: Cond,
+    x_t: Tensor,
+    sigma: Tensor,
+    clean: Tensor,
+    *,
+    num_timesteps: int,
+    guidance: float = 1.0,
+    write_last: bool = False,
+) -> Tensor:
+    """x0 estimates [B, F, C, H, W] of noisy frames x_t [B, F, C, H, W] at noise levels sigma [B, F], chunk
+    by chunk, each chunk reading the cache after the clean frames `clean` [B, F, C, H, W] of the chunks
+    before it: teacher forcing, what a rollout's cache holds when it generated exactly `clean`.
+
+    The cache holds the history before these frames already (e.g. `prefill`); cond covers these F frames,
+    already [cond ; null] doubled when guidance != 1 (as `chunk_step`'s). Per chunk: read (rotated once),
+    one forward of the noisy chunk (with gradient when enabled), then its clean frames written at sigma 0
+    without gradient before the next chunk reads (the last one too if `write_last`). How the student is
+    fitted to the teacher's ODE states and how the DMD teacher and critic score a generated window.
+    """
+    chunk = cache.policy.chunk
+    if x_t.shape[1] % chunk or x_t.shape[:2] != clean.shape[:2] or sigma.shape != x_t.shape[:2]:
+        raise CfError(f"teacher forcing takes whole {chunk}-frame chunks: x_t {tuple(x_t.shape[:2])}, "
+                      f"sigma {tuple(sigma.shape)} and clean {tuple(clean.shape[:2])} must agree as [B, F]")
+    guided = Guided(guidance)
+    out = []
+    for f0 in range(0, x_t.shape[1], chunk):
+        c = cond.frames(f0, f0 + chunk)
+        xin, sig = guided.twice(x_t[:, f0:f0 + chunk]), guided.twice(sigma[:, f0:f0 + chunk])
+        read = read_for_query(model, cache)
+        pred = denoise(model, xin, sig, c, num_timesteps=num_timesteps, time_pos=read.query_positions,
+                       read=read).pred
+        out.append(guided.combine(to_x0(pred, xin, sig, model.prediction)))
+        if write_last or f0 + chunk < x_t.shape[1]:
+            write_clean(model, cache, guided.twice(clean[:, f0:f0 + chunk]), c, read)
+    return torch.cat(out, dim=1)
 
 
 def read_for_query(model: torch.nn.Module, cache: KVCache, n_query: int | None = None) -> CacheRead:

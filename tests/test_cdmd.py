@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch import Callback
 from safetensors.torch import load_file
 
+import cf.rollout as cf_rollout
 import cf.train.cdmd as cdmd
 from cf.config import load_config
 from cf.errors import CfError
@@ -142,23 +143,32 @@ def test_teacher_and_critic_read_the_same_generated_history(monkeypatch, history
     seen = {"teacher": [], "critic": []}
     name = {id(module.teacher): "teacher", id(module.critic): "critic"}
 
+    in_prefill = [0]
+
     def spy(fn, kind):
         def wrapped(net, cache, frames=None, *args, **kwargs):
-            if frames is None:  # read_for_query(net, cache)
-                seen[name[id(net)]].append((kind, tuple(cache.slot_times)))
-            else:  # prefill / write_clean: keep the first half (the teacher's batch is [cond ; null])
-                half = len(frames) // (2 if net is module.teacher else 1)
-                seen[name[id(net)]].append((kind, frames[:half]))
-            return fn(net, cache, frames, *args, **kwargs) if frames is not None else fn(net, cache)
+            if id(net) in name and not in_prefill[0]:  # the prefill's own writes are the prefill
+                if frames is None:  # read_for_query(net, cache)
+                    seen[name[id(net)]].append((kind, tuple(cache.slot_times)))
+                else:  # prefill / write_clean: keep the first half (the teacher's batch is [cond ; null])
+                    half = len(frames) // (2 if net is module.teacher else 1)
+                    seen[name[id(net)]].append((kind, frames[:half]))
+            in_prefill[0] += kind == "prefill"
+            try:
+                return fn(net, cache, frames, *args, **kwargs) if frames is not None else fn(net, cache)
+            finally:
+                in_prefill[0] -= kind == "prefill"
 
         return wrapped
 
-    for fn in ("prefill", "write_clean", "read_for_query"):
-        monkeypatch.setattr(cdmd, fn, spy(getattr(cdmd, fn), fn))
     plan = RolloutPlan(n_chunks=4, window=2, exit_step=0, generator=True)
     batch = _batch(cfg)
     with torch.no_grad():
         video = module.generate(batch, plan, step=0)
+    # score_window prefills the history, then the teacher-forced loop (cf.rollout) reads and writes
+    monkeypatch.setattr(cdmd, "prefill", spy(cdmd.prefill, "prefill"))
+    for fn in ("write_clean", "read_for_query"):
+        monkeypatch.setattr(cf_rollout, fn, spy(getattr(cf_rollout, fn), fn))
     module.generator_loss(batch, video, plan, step=0)
     t, c = seen["teacher"], seen["critic"]
     assert [k for k, _ in t] == [k for k, _ in c] and len(t) > 2
@@ -174,6 +184,55 @@ def test_teacher_and_critic_read_the_same_generated_history(monkeypatch, history
         assert cfg.teacher.context_frames == 4
         assert t[0][0] == "prefill" and torch.equal(t[0][1], video[:, first - 4 : first])
         assert reads == [[0, 1, 2, 3], [2, 3, 4, 5]]
+
+
+def test_score_window_is_the_teacher_forced_forward_of_the_noised_window():
+    """score_window by its numbers (float64, full policy): each window chunk, noised at sigma, is denoised
+    on the clean generated video before it (from `start`): one forward over [clean ; noisy window] with a
+    mask; under guidance, the [cond ; null] combination of two such forwards."""
+    from cf.diffusion import add_noise, denoise, guide, to_x0
+    from cf.memory import build_policy
+    from cf.model import Cond, block_causal_mask
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        cfg = _cfg("context_forcing", "memory.policy=full")
+        torch.manual_seed(0)
+        net = CausalVideoDiT(cfg.model, cfg.data)
+        torch.nn.init.normal_(net.head.weight, std=0.5)  # outputs of order 1, so differences show
+        g = torch.Generator().manual_seed(3)
+        frames, cam = torch.randn(2, 10, 3, 16, 16, generator=g), torch.rand(2, 10, 2, generator=g) * 40
+        sigma, noise = torch.rand(2, generator=g), torch.randn(2, 4, 3, 16, 16, generator=g)
+        start, first, n = 2, 6, cfg.diffusion.num_timesteps
+        sig = sigma[:, None].expand(2, 4)
+        x_t = add_noise(frames[:, first:], noise, sig)
+
+        def one_forward(cond):
+            chunk_of, noisy = torch.arange(8) // 2, torch.arange(4, 8) // 2  # relative to `start`
+            mask = torch.zeros(12, 12, dtype=torch.bool)
+            mask[:8, :8] = block_causal_mask(8, 2)
+            mask[8:, :8] = chunk_of[None, :] < noisy[:, None]
+            mask[8:, 8:] = noisy[None, :] == noisy[:, None]
+            seq = Cond(text=cond.text, text_mask=cond.text_mask, null=cond.null,
+                       camera=torch.cat([cam[:, start:], cam[:, first:]], 1))
+            x, s = torch.cat([frames[:, start:], x_t], 1), torch.cat([torch.zeros(2, 8), sig], 1)
+            pred = denoise(net, x, s, seq, num_timesteps=n, frame_mask=mask,
+                           time_pos=torch.cat([torch.arange(8), torch.arange(4, 8)])).pred[:, 8:]
+            return to_x0(pred, x_t, sig, net.prediction)
+
+        cond = net.make_cond(["a", "b"], camera=cam)
+        null = Cond(text=cond.text, text_mask=cond.text_mask, camera=cam,
+                    null=torch.ones(2, dtype=torch.bool))
+        policy = build_policy(cfg.memory, 2)
+        kw = dict(start=start, first=first, sigma=sigma, noise=noise, num_timesteps=n)
+        with torch.no_grad():
+            plain = cdmd.score_window(net, policy, frames, cond, **kw)
+            guided = cdmd.score_window(net, policy, frames, cond, guidance=3.0, **kw)
+            assert (plain - one_forward(cond)).abs().max() < 1e-10
+            assert (guided - guide(one_forward(cond), one_forward(null), 3.0)).abs().max() < 1e-10
+            assert (guided - plain).abs().max() > 1e-3
+    finally:
+        torch.set_default_dtype(torch.float32)
 
 
 # ---------------------------------------------------------------------- the recipes end to end

@@ -199,6 +199,77 @@ def test_no_gradient_anywhere_with_grad_chunks_zero():
     assert res.video.requires_grad
 
 
+@pytest.mark.parametrize("policy, guidance, overrides", [
+    ("full", 1.0, {}),
+    ("sliding", 2.0, {}),
+    ("slowfast", 2.0, {"memory.promotion": "similarity", "memory.tau": 0.9999, "memory.promote_every": 1}),
+    ("slowfast", 1.0, {"model.prediction": "velocity"}),
+])
+def test_teacher_forcing_on_a_rollouts_own_video_gives_the_rollouts_predictions(policy, guidance, overrides):
+    """Fed the rollout's own video as the clean frames and its noisy states at one sampler step, the
+    teacher-forced loop predicts exactly what the rollout predicted at that step: the same reads (the
+    same promotions, from the same mean keys), the same doubled batch under guidance."""
+    from cf.diffusion import Guided
+    from cf.rollout import teacher_forced
+
+    cfg, model, cond = setup(policy, **overrides)
+    steps = Steps()
+    with torch.no_grad():
+        res, cache = run(cfg, model, cond, n_chunks=6, sampler="teacher", guidance=guidance,
+                         callbacks=[steps])
+        video, f = res.video, res.video.shape[1]
+        sampler = build_sampler(cfg.diffusion, "teacher")
+        for i in (0, sampler.n_steps - 1):
+            x_t = torch.cat([steps.x_t[j, i] for j in range(6)], dim=1)
+            sigma = torch.full(x_t.shape[:2], steps.sigma[0, i])
+            fresh = KVCache(build_policy(cfg.memory, cfg.model.frames_per_chunk))
+            x0 = teacher_forced(model, fresh, Guided(guidance).cond(cond.frames(0, f), 1), x_t, sigma, video,
+                                num_timesteps=sampler.num_timesteps, guidance=guidance)
+            ref = torch.cat([steps.x0[j, i] for j in range(6)], dim=1)
+            assert (x0 - ref).abs().max() < 1e-12, i
+    if policy == "slowfast" and overrides.get("memory.promotion") == "similarity":
+        promoted = fresh.state.promoted
+        assert promoted and promoted == cache.state.promoted[:len(promoted)]
+
+
+def test_teacher_forcing_equals_one_uncached_forward():
+    """After a clean history (prefilled), each noisy chunk at its own noise level sees the clean frames
+    before it and itself: one forward over [clean history and window ; noisy window] with that frame mask
+    (full policy, float64)."""
+    from cf.diffusion import denoise, encode_clean
+    from cf.rollout import prefill, teacher_forced
+
+    cfg, model, cond = setup("full")
+    c, h, w = 2, 4, 6  # chunk, history frames, window frames
+    g = torch.Generator().manual_seed(5)
+    clean = torch.randn(1, h + w, 3, 16, 16, generator=g)
+    x_t = torch.randn(1, w, 3, 16, 16, generator=g)
+    sigma = torch.rand(1, w // c, generator=g).repeat_interleave(c, dim=1)  # one level per chunk
+    n = cfg.diffusion.num_timesteps
+    cache = KVCache(build_policy(cfg.memory, c))
+    with torch.no_grad():
+        prefill(model, cache, clean[:, :h], cond)
+        x0 = teacher_forced(model, cache, cond.frames(h, h + w), x_t, sigma, clean[:, h:], num_timesteps=n)
+        chunk_of = torch.arange(h + w) // c
+        noisy_chunk = chunk_of[h:]
+        mask = torch.zeros(h + 2 * w, h + 2 * w, dtype=torch.bool)
+        mask[:h + w, :h + w] = block_causal_mask(h + w, c)
+        mask[h + w:, :h + w] = chunk_of[None, :] < noisy_chunk[:, None]
+        mask[h + w:, h + w:] = noisy_chunk[None, :] == noisy_chunk[:, None]
+        both = cond.frames(0, h + w)
+        both.camera = torch.cat([both.camera, both.camera[:, h:]], dim=1)
+        sig = torch.cat([torch.zeros(1, h + w), sigma], dim=1)
+        time_pos = torch.cat([torch.arange(h + w), torch.arange(h, h + w)])
+        pred = denoise(model, torch.cat([clean, x_t], dim=1), sig, both, num_timesteps=n, time_pos=time_pos,
+                       frame_mask=mask).pred
+        whole = encode_clean(model, clean, cond.frames(0, h + w), time_pos=torch.arange(h + w),
+                             frame_mask=block_causal_mask(h + w, c))
+    assert (x0 - to_x0(pred[:, h + w:], x_t, sigma, model.prediction)).abs().max() < 1e-10
+    assert (pred[:, :h + w] - whole.pred).abs().max() < 1e-10  # the clean part is the cache's content
+    with pytest.raises(CfError, match="whole 2-frame chunks"):
+        teacher_forced(model, cache, cond, x_t[:, :3], sigma[:, :3], clean[:, :3], num_timesteps=n)
+
+
 def test_continuing_from_context_reproduces_the_rollout():
     """Writing clean context at sigma 0 is exactly what the rollout did with its own chunks."""
     cfg, model, cond = setup("slowfast", **{"memory.promotion": "uniform", "memory.promote_every": 1})

@@ -41,16 +41,14 @@ from cf.diffusion import (
     Guided,
     add_noise,
     build_sampler,
-    denoise,
     guidance_scale,
     loss_weight,
     sample_sigma,
-    to_x0,
 )
 from cf.errors import CfError
 from cf.memory import KVCache, MemoryPolicy, build_policy
 from cf.model import CausalVideoDiT, Cond
-from cf.rollout import prefill, read_for_query, rollout, write_clean
+from cf.rollout import prefill, rollout, teacher_forced
 from cf.train.base import EMA, EMACheckpoint, build_optimizer, step_generator
 from cf.train.student import check_context
 
@@ -209,8 +207,9 @@ def score_window(
 
     The history is prefilled into a fresh cache of `policy` (clean, sigma 0, no gradient); then each
     window chunk is noised (`sigma` [B], `noise` like the window), denoised in one forward, and
-    written clean before the next chunk reads. So every window chunk sees the clean generated video
-    before it, through the policy: the teacher's and the critic's view of a student rollout.
+    written clean before the next chunk reads (`cf.rollout.teacher_forced`). So every window chunk sees
+    the clean generated video before it, through the policy: the teacher's and the critic's view of a
+    student rollout.
     frames [B, F, C, H, W] (detached), cond covering frame 0 on; returns [B, F - first, C, H, W].
     Gradient flows into `net` only through the window's forwards (when grad is enabled).
     """
@@ -220,27 +219,17 @@ def score_window(
             f"history [{start}, {first}) and window [{first}, {frames.shape[1]}) must be whole "
             f"{chunk}-frame chunks"
         )
-    b = frames.shape[0]
+    b, n = frames.shape[:2]
     guided = Guided(guidance)
-    twice = guided.twice
-    run_cond = guided.cond(cond.frames(start, frames.shape[1]), b)
+    run_cond = guided.cond(cond.frames(start, n), b)
     cache = KVCache(policy)
     if first > start:
-        prefill(net, cache, twice(frames[:, start:first]), run_cond)
-    out = []
-    for f0 in range(first, frames.shape[1], chunk):
-        clean = frames[:, f0 : f0 + chunk]
-        c = run_cond.frames(f0 - start, f0 - start + chunk)
-        sig = sigma.to(clean.dtype)[:, None].expand(b, chunk)
-        x_t = add_noise(clean, noise[:, f0 - first : f0 - first + chunk], sig)
-        read = read_for_query(net, cache)
-        pred = denoise(net, twice(x_t), twice(sig), c, num_timesteps=num_timesteps,
-                       time_pos=read.query_positions, read=read).pred
-        x0 = to_x0(pred, twice(x_t), twice(sig), net.prediction)
-        out.append(guided.combine(x0))
-        if f0 + chunk < frames.shape[1]:
-            write_clean(net, cache, twice(clean), c, read)
-    return torch.cat(out, dim=1)
+        prefill(net, cache, guided.twice(frames[:, start:first]), run_cond)
+    window = frames[:, first:]
+    sig = sigma.to(window.dtype)[:, None].expand(b, n - first)
+    x_t = add_noise(window, noise, sig)
+    return teacher_forced(net, cache, run_cond.frames(first - start, n - start), x_t, sig, window,
+                          num_timesteps=num_timesteps, guidance=guidance)
 
 
 # ---------------------------------------------------------------------- the module

@@ -17,11 +17,11 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from cf.diffusion import ODE_TARGETS, Sampler, build_sampler, denoise, guidance_scale, to_x0
+from cf.diffusion import ODE_TARGETS, Sampler, build_sampler, guidance_scale
 from cf.errors import CfError
 from cf.memory import KVCache, build_policy
 from cf.model import CausalVideoDiT
-from cf.rollout import RolloutCallback, prefill, read_for_query, rollout, write_clean
+from cf.rollout import RolloutCallback, prefill, rollout, teacher_forced
 from cf.train.base import EMA, EMACheckpoint, adamw_with_schedule, step_generator
 from cf.train.conditions import ConditionStream
 from cf.train.teacher import teacher_policy
@@ -182,23 +182,17 @@ class StudentModule(EMACheckpoint, pl.LightningModule):
         n_ctx = context.shape[1]
         if n_ctx:
             prefill(self.net, cache, context.to(video.dtype), cond)
-        rows = torch.arange(b, device=self.device)
-        per_chunk, levels = [], []
-        for j in range(n_chunks):
-            f = slice(j * self.chunk, (j + 1) * self.chunk)
-            c = cond.frames(n_ctx + f.start, n_ctx + f.stop)
-            x_t = states[rows, k[:, j], f]  # [B, C, ...] the ODE state at each sample's level
-            sigma = self.levels[k[:, j]].to(x_t.dtype)[:, None].expand(b, self.chunk)
-            read = read_for_query(self.net, cache)
-            pred = denoise(self.net, x_t, sigma, c, num_timesteps=self.cfg.diffusion.num_timesteps,
-                           time_pos=read.query_positions, read=read).pred
-            x0 = to_x0(pred, x_t, sigma, self.net.prediction)
-            per_chunk.append((x0.float() - video[:, f].float()).pow(2).flatten(1).mean(1))  # [B]
-            levels.append(k[:, j])
-            if j + 1 < n_chunks:
-                write_clean(self.net, cache, video[:, f], c, read)  # teacher forcing: its clean chunk
-        per_sample = torch.stack(per_chunk, 1).flatten()
-        level = torch.stack(levels, 1).flatten()
+        level_of = k.repeat_interleave(self.chunk, dim=1)  # [B, F] each frame's chunk's level
+        rows = torch.arange(b, device=self.device)[:, None]
+        # [B, F, C, H, W]: each chunk's ODE state at its sample's level
+        x_t = states[rows, level_of, torch.arange(n_frames, device=self.device)]
+        sigma = self.levels[level_of].to(x_t.dtype)
+        # teacher forcing: every chunk reads the teacher's clean chunks before it, through the policy
+        x0 = teacher_forced(self.net, cache, cond.frames(n_ctx, n_ctx + n_frames), x_t, sigma, video,
+                            num_timesteps=self.cfg.diffusion.num_timesteps)
+        se = (x0.float() - video.float()).pow(2).unflatten(1, (n_chunks, self.chunk))
+        per_sample = se.flatten(2).mean(2).flatten()  # [B * n_chunks]
+        level = k.flatten()
         logs = {
             f"student/loss_level{i}": per_sample[level == i].mean()
             for i in range(len(self.levels))
