@@ -182,6 +182,18 @@ def test_weights_round_trip(tmp_path):
         load_weights(other, tmp_path / "bad.ckpt")
 
 
+def test_state_dict_keys_are_the_networks_own():
+    """Checkpoints and safetensors exports written before the preconditioning left the network still load:
+    its parameters keep their names (no wrapper prefix, nothing added for EDM)."""
+    for precondition in ("none", "edm"):
+        cfg = load_config("smoke", overrides=[f"model.precondition={precondition}"])
+        state = CausalVideoDiT(cfg.model, cfg.data).state_dict()
+        assert {k.split(".")[0] for k in state} == {
+            "blocks", "camera_embed", "head", "head_modulation", "null_token", "patch_embed", "text_encoder",
+            "text_proj", "time_embed", "time_proj"}
+        assert len(state) == 63 and "time_embed.0.weight" in state and "blocks.1.attn.qkv.weight" in state
+
+
 def test_wrong_frame_size_is_explained():
     cfg = load_config("smoke")
     model = CausalVideoDiT(cfg.model, cfg.data)
