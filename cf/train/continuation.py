@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from cf.diffusion import build_sampler, euler
+from cf.diffusion.guidance import TEACHER, guidance_scale
 from cf.memory import KVCache, build_policy
 from cf.metrics.revisit import AgeBinnedError, RegionError
 from cf.model import CausalVideoDiT
@@ -66,9 +67,9 @@ def continue_clips(net: CausalVideoDiT, cfg, video: Tensor, camera: Tensor, prom
     a sample (its Euler sampler), or with `mean` its x0 prediction at sigma 1 (the expected continuation)."""
     gen = torch.Generator().manual_seed(seed)
     cond = net.make_cond(prompts, camera=camera[:, :n_ctx + n_chunks * cfg.model.frames_per_chunk])
-    sampler = euler(1, 1.0) if mean else build_sampler(cfg.diffusion, "teacher")
+    sampler = euler(1, 1.0, cfg.diffusion.num_timesteps) if mean else build_sampler(cfg.diffusion, "teacher")
     return rollout(net, KVCache(policy), sampler, cond, n_chunks, context=video[:, :n_ctx], generator=gen,
-                   guidance=cfg.diffusion.cfg_scale).video
+                   guidance=guidance_scale(cfg, TEACHER)).video
 
 
 def _psnr(value) -> float | None:

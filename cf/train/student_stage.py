@@ -251,9 +251,9 @@ def evaluate_generator(
     cfg, net: CausalVideoDiT, teacher: CausalVideoDiT | None = None, progress: bool = True
 ) -> dict:
     """Score `net`, the untrained student, the world and (if given) the teacher on held-out worlds (see
-    the module doc). The teacher samples with its Euler sampler and `student.guidance`, through the
-    same memory policy: what distillation aims at, at `diffusion.teacher_steps / len(student_timesteps)`
-    times the student's cost.
+    the module doc). The teacher samples with its Euler sampler and `diffusion.cfg_scale` (guidance role
+    `teacher`), through the same memory policy: what distillation aims at, at
+    `diffusion.teacher_steps / len(student_timesteps)` times the student's cost.
 
     Returns {"setup": ..., "scores": {model: VideoScorer aggregate}, "summary": {model: headline
     numbers}, "distilled_beats_untrained": {metric: bool}, "frames": {model: video 0}}.
@@ -282,9 +282,12 @@ def evaluate_generator(
     reference = config_reference(cfg, cfg.data, range(s.eval_videos))
     for sc in scorers.values():
         sc.attach_realism(reference)
-    has_cond = cfg.model.text_encoder != "none" or cfg.model.camera
-    guidance = {"distilled": 1.0, "untrained": 1.0, "undistilled": 1.0,
-                "teacher": float(s.guidance) if has_cond else 1.0}
+    from cf.diffusion.guidance import STUDENT, TEACHER, guidance_scale
+
+    # the teacher row samples as "the teacher" does everywhere (its own evaluation, cf generate); the
+    # student's sampler reads every other model
+    guidance = {m: guidance_scale(cfg, STUDENT) for m in ("distilled", "untrained", "undistilled")}
+    guidance["teacher"] = guidance_scale(cfg, TEACHER)
     frames: dict[str, torch.Tensor] = {}
     promoted: dict[str, list[list[int]]] = {}  # model -> per world, the frames its slow memory promoted
     seeds = [cfg.data.eval_seed + i for i in range(s.eval_videos)]
