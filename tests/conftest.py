@@ -1,4 +1,5 @@
 import os
+import socket
 
 import pytest
 import torch
@@ -13,3 +14,16 @@ def smoke_cfg():
     from cf.config import load_config
 
     return load_config("smoke")
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """An empty torch hub cache and no network: any download attempt fails the test loudly."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("cf tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return tmp_path

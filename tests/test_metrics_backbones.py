@@ -1,6 +1,5 @@
 """Backbones and LPIPS: real offline weights work, missing weights fail clearly, nothing downloads."""
 
-import socket
 
 import pytest
 import torch
@@ -9,19 +8,6 @@ from cf.errors import CfError
 from cf.metrics.backbones import BACKBONES, get_backbone, resize_square
 from cf.metrics.lpips_net import lpips_or_reason
 from cf.metrics.weights import MissingWeightsError, WeightSpec, find_weights, load_into, load_state_dict
-
-
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """An empty torch hub cache and no network: any download attempt fails the test loudly."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("cf tried to open a network connection")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    return tmp_path
 
 
 def test_registry_names():

@@ -24,19 +24,6 @@ EMBED = 64  # CLIP projection width
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """An empty torch hub cache and no network: any download attempt fails the test loudly."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("cf tried to open a network connection")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    return tmp_path
-
-
 @pytest.fixture(scope="module")
 def frames():
     g = torch.Generator().manual_seed(0)

@@ -48,15 +48,18 @@ class Clip:
         which only test copying; the pixels that come back after about L frames test memory)."""
         import torch
 
-        return torch.from_numpy(self.revisit_masks()[i])
+        return torch.from_numpy(self._masks(self.revisits[i:i + 1])[0])
 
     def revisit_masks(self):
         """bool ``[n_revisits, H, W]`` (numpy), one `revisit_mask` per revisit pair."""
+        return self._masks(self.revisits)
+
+    def _masks(self, pairs) -> np.ndarray:
         h, w = self.background.shape[1:]
-        if not self.revisits:
+        if not pairs:
             return np.zeros((0, h, w), bool)
         bg, age = self.background.numpy(), self.age.numpy()
-        t1, t2, lag = np.array(self.revisits).T
+        t1, t2, lag = np.array(pairs).T
         return bg[t1] & bg[t2] & (2 * age[t2] >= lag[:, None, None])
 
     def to_json(self) -> dict[str, Any]:
