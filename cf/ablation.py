@@ -24,7 +24,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +146,18 @@ def load_ablation(spec: str | Path) -> Ablation:
         _mapping(path, "`overrides:`", doc.get("overrides")),
         variants,
     )
+
+
+def select_variants(ab: Ablation, names: list[str]) -> Ablation:
+    """`ab` with only the named variants, in the order given (unknown names are refused)."""
+    names = [n.strip() for n in names if n.strip()]
+    unknown = [n for n in names if n not in ab.variants]
+    if unknown or not names:
+        raise CfError(
+            f"{ab.path}: no variant {unknown or names!r}; this grid has {', '.join(ab.variants)} "
+            f"(--variants takes a comma-separated subset)"
+        )
+    return replace(ab, variants={n: ab.variants[n] for n in names})
 
 
 def _dotlist(settings: dict[str, Any]) -> list[str]:

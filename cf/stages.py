@@ -117,6 +117,10 @@ def cdmd_config(stage: int) -> Callable[[DictConfig], dict]:
 
 def bench_config(cfg: DictConfig) -> dict:
     # the method name labels the bench outputs; the memory policy is what generation reads through
+    # (bench.memory applied: the inference policy, which may differ from the trained one)
+    from cf.bench.entries import at_inference
+
+    cfg = at_inference(cfg)
     return {
         "method": cfg.method,
         "bench": _section(cfg, "bench", drop=BENCH_GRID),
@@ -162,10 +166,11 @@ def _cdmd(stage: int) -> StageFn:
 
 def _bench(cfg, out_dir, inputs, parent_run_id):
     from cf.bench.consistency import run_consistency
+    from cf.bench.entries import Entry, at_inference
 
     generator = Path(inputs["generator"]).parent / "generator.safetensors"
-    entries = [{"method": cfg.method, "policy": cfg.memory.policy, "generator": generator}]
-    run_consistency(cfg, entries, out_dir / "bench", parent_run_id=parent_run_id)
+    cfg = at_inference(cfg)
+    run_consistency(cfg, [Entry(cfg, generator)], out_dir / "bench", parent_run_id=parent_run_id)
     return out_dir / "bench"
 
 

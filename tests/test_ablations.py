@@ -28,6 +28,7 @@ def configs(path, preset="tiny", method=None, overrides=(), out="runs"):
 def test_the_shipped_grids_cover_the_issue_axes():
     assert SHIPPED == [
         "bounded_positions",
+        "claims",
         "erft",
         "memory",
         "methods",
@@ -198,3 +199,12 @@ def test_cf_ablate_plan_prints_each_variants_stages_and_runs_nothing(tmp_path, c
 
 def pipeline_names():
     return ["teacher", "teacher_erft", "student", "cdmd1", "cdmd2", "bench"]
+
+
+def test_select_variants_keeps_the_order_given_and_refuses_unknown_names():
+    ab = ablation.load_ablation("claims")
+    picked = ablation.select_variants(ab, ["self_forcing", "context_forcing"])
+    assert list(picked.variants) == ["self_forcing", "context_forcing"]
+    assert picked.overrides == ab.overrides
+    with pytest.raises(CfError, match="self_forcin'"):
+        ablation.select_variants(ab, ["self_forcin"])

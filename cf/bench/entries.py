@@ -6,6 +6,7 @@ generator weights or random ones) and `plan_entries`, which builds them for ``be
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,26 @@ class Entry:
         return tables.row_label({"method": self.method, "memory": self.memory, "weights": self.weights})
 
 
+def at_inference(cfg: DictConfig) -> DictConfig:
+    """`cfg` as the benchmark generates with it: ``bench.memory`` (memory.* overrides for inference only,
+    e.g. infinite_rope reads Self-Forcing's generator through a global sink) applied to ``memory`` and then
+    cleared. Unchanged (the same object) when there are none."""
+    overrides = dict(cfg.bench.memory)
+    if not overrides:
+        return cfg
+    unknown = sorted(set(overrides) - set(cfg.memory))
+    if unknown:
+        raise CfError(
+            f"bench.memory sets {unknown}, which are not memory.* keys; valid: {sorted(cfg.memory)} "
+            f"(bench.memory holds memory.* overrides for the benchmark's generation only)"
+        )
+    out = copy.deepcopy(cfg)
+    for key, value in overrides.items():
+        out.memory[key] = value
+    out.bench.memory = {}
+    return out
+
+
 def generator_path(runs_dir: str | Path, method: str, memory: str, seed: int) -> Path:
     """Where the pipeline leaves a method's final generator (the stage contract)."""
     return Path(runs_dir) / f"{method}-{memory}-seed{seed}" / "generator.safetensors"
@@ -83,13 +104,17 @@ def plan_entries(
     seen = set()
     for method in methods:
         for policy in policies:
-            if policy == OWN:
-                policy = load_config(preset, method, list(overrides)).memory.policy
+            own = load_config(preset, method, list(overrides))
+            if policy == OWN:  # the method's own: trained with memory.policy, read through bench.memory
+                policy = at_inference(own).memory.policy
+                cfg = own
+            else:
+                cfg = load_config(preset, method, [*overrides, f"memory.policy={policy}", "bench.memory={}"])
             if (method, policy) in seen:
                 continue
             seen.add((method, policy))
-            cfg = load_config(preset, method, [*overrides, f"memory.policy={policy}"])
-            path = None if untrained else generator_path(runs_dir, method, policy, cfg.seed)
+            path = None if untrained else generator_path(runs_dir, method, cfg.memory.policy, cfg.seed)
+            cfg = at_inference(cfg)
             if path is not None and not path.is_file():
                 missing.append(
                     f"  {path}: make ablate MEMORY={policy} METHOD={method} PRESET={preset} SEED={cfg.seed}"

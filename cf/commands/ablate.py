@@ -17,6 +17,12 @@ def add_arguments(p) -> None:
         help="an ablation grid: ablations/NAME.yaml (or just NAME); runs every variant",
     )
     p.add_argument(
+        "--variants",
+        default=None,
+        metavar="A,B",
+        help="with --ablation: run only these variants, in this order (e.g. to split a grid in two)",
+    )
+    p.add_argument(
         "--plan",
         action="store_true",
         help="print each stage's cache directory and state (done / partial / to do); run nothing",
@@ -82,9 +88,11 @@ def run(args, cfg) -> int:
         print(f"done: {res.run_dir} (trained: {', '.join(res.ran) or 'nothing, all cached'})")
         return 0
 
-    from cf.ablation import load_ablation, run_ablation, variant_configs
+    from cf.ablation import load_ablation, run_ablation, select_variants, variant_configs
 
     ab = load_ablation(args.ablation)
+    if args.variants is not None:
+        ab = select_variants(ab, args.variants.split(","))
     configs = variant_configs(ab, args.preset, args.method, _grid_overrides(args), out=args.out)
     if args.plan:
         for variant, vcfg in configs.items():

@@ -154,6 +154,7 @@ def load_config(
     """Build the validated config. `method=None` keeps the default method of the preset."""
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)
+    OmegaConf.set_struct(cfg.bench.memory, False)  # open: memory.* keys, checked by cf.bench.at_inference
     cfg = _merge(cfg, _yaml("presets", preset), f"experiments/presets/{preset}.yaml")
     cfg.preset = preset
     method = method or cfg.method

@@ -10,6 +10,7 @@ frames (`model.video_frames_per_latent`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -228,6 +229,10 @@ class BenchConfig:
     table_backbones: list[str] = field(default_factory=list)
     # `cf bench consistency` benchmarks every method x policy (generators from runs/<preset>/...);
     # the policy "own" stands for each method's own (sliding for self_forcing, sink for longlive, ...)
+    # memory.* overrides for the benchmark's generation only: a method trained with one policy and read at
+    # inference through another (infinite_rope: Self-Forcing's generator through a global sink). Empty: the
+    # generator is read as it was trained
+    memory: dict[str, Any] = field(default_factory=dict)
     methods: list[str] = field(default_factory=lambda: ["context_forcing"])
     policies: list[str] = field(default_factory=lambda: ["slowfast"])
 

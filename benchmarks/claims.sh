@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The claims grid (ablations/claims.yaml) on 2 CPU cores: two lanes side by side, one thread each, seed
+# after seed. Lane A trains the 16-frame teacher (context_forcing, then cf_window on the same teacher and
+# student); lane B the 4-frame one (self_forcing, infinite_rope on the same generator, longlive). Each
+# variant is one `cf ablate` call, so a killed lane resumes from the stage cache when run again.
+#   benchmarks/claims.sh 0 1 2                     # frame-relative positions (the grid's default)
+#   EXTRA="model.positions=world" benchmarks/claims.sh 0 1 2
+#   LANE_A=cf_short,cf_no_erft LANE_B= benchmarks/claims.sh 0 1 2   # the C2/C3 remainder
+# Environment: CF (the cf command, default .venv/bin/cf), OUT (runs root, default runs), EXTRA (more
+# key=value overrides), LANE_A / LANE_B (comma-separated variants). Logs: $OUT/claims-logs/.
+set -u
+CF=${CF:-.venv/bin/cf}
+OUT=${OUT:-runs}
+EXTRA=${EXTRA:-}
+LANE_A=${LANE_A-context_forcing,cf_window}
+LANE_B=${LANE_B-self_forcing,infinite_rope,longlive}
+mkdir -p "$OUT/claims-logs"
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
+lane() {  # lane NAME VARIANTS SEED...
+    local name=$1 variants=$2
+    shift 2
+    [ -z "$variants" ] && return 0
+    for seed in "$@"; do
+        for v in ${variants//,/ }; do
+            echo "$(date -u +%FT%TZ) lane $name seed $seed $v: start"
+            # shellcheck disable=SC2086
+            $CF ablate --ablation claims --variants "$v" --seed "$seed" --out "$OUT" trainer.threads=1 $EXTRA \
+                > "$OUT/claims-logs/$name-seed$seed-$v.log" 2>&1
+            echo "$(date -u +%FT%TZ) lane $name seed $seed $v: exit $?"
+        done
+    done
+}
+
+lane A "$LANE_A" "$@" &
+lane B "$LANE_B" "$@" &
+wait
