@@ -13,7 +13,7 @@ benchmark's `bench/<column>` metrics map one to one onto the row contract of `cf
 
 from __future__ import annotations
 
-import sys
+import functools
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -64,18 +64,21 @@ def pipeline_runs(cfg: DictConfig, status: str | None = "FINISHED") -> pd.DataFr
     if exp is None:
         return empty
     flt = "tags.stage = 'pipeline'" + (f" and attributes.status = '{status}'" if status else "")
-    rows, token = [], None
-    while True:
-        page = client.search_runs([exp.experiment_id], filter_string=flt, max_results=500, page_token=token)
-        for r in page:
-            row = {"run_id": r.info.run_id, "start_time": r.info.start_time, "status": r.info.status}
-            row.update({t: r.data.tags.get(t, "") for t in TAGS})
-            row.update({p: r.data.params.get(p) for p in PARAMS})
-            row.update(r.data.metrics)
-            rows.append(row)
-        token = page.token
-        if not token:
-            break
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # mlflow.search_runs reads the global URI (and pages for us)
+    try:
+        found = mlflow.search_runs([exp.experiment_id], filter_string=flt, output_format="list")
+    finally:
+        mlflow.set_tracking_uri(before)
+    rows = []
+    for r in found:
+        row = {"run_id": r.info.run_id, "start_time": r.info.start_time, "status": r.info.status}
+        row.update({t: r.data.tags.get(t, "") for t in TAGS})
+        row.update({p: r.data.params.get(p) for p in PARAMS})
+        row.update(r.data.metrics)
+        rows.append(row)
     df = pd.DataFrame(rows) if rows else empty
     for p in PARAMS:
         df[p] = pd.to_numeric(df[p], errors="coerce")
@@ -102,6 +105,20 @@ def seed_means(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _read_through(preset: str, method: str, memory: str) -> str:
+    """The policy a method's generator is benchmarked through: its `bench.memory.policy` when it sets one
+    for this trained policy (infinite_rope: trained sliding, read through a sink), else `memory`."""
+    from cf.config import load_config
+
+    try:
+        cfg = load_config(preset, method)
+    except (CfError, ValueError):  # a method or preset this checkout does not have: label as stored
+        return memory
+    inference = cfg.bench.memory.get("policy")
+    return inference if inference and cfg.memory.policy == memory else memory
+
+
 def bench_rows(df: pd.DataFrame) -> pd.DataFrame:
     """Rows in the column contract of `cf.bench.tables`: `bench/<col>` -> `<col>`, identity columns kept.
 
@@ -112,6 +129,9 @@ def bench_rows(df: pd.DataFrame) -> pd.DataFrame:
     for c in df.columns:
         if c.startswith("bench/"):
             out[c.removeprefix("bench/")] = df[c].values
+    out["memory"] = [
+        _read_through(str(p), str(m), str(k)) for p, m, k in zip(out["preset"], out["method"], out["memory"])
+    ]
     visible = (out["variant"] == out["memory"]) | (out["variant"] == out["method"]) | (out["variant"] == "")
     out["memory"] = out["memory"].where(
         visible, out["memory"] + "; " + out["ablation"] + "=" + out["variant"]
@@ -255,175 +275,42 @@ def write_tables(
     runs: pd.DataFrame | None = None,
 ) -> list[Path]:
     """Write `<out>/<preset>/<ablation>.md` and `.csv` for each ablation with finished runs."""
-    df = pipeline_runs(cfg) if runs is None else runs
+    from cf import seedstats
+    from cf.seedtables import headline, log_seed_tables, seed_tables
+
+    stored = runs is None
+    df = pipeline_runs(cfg) if stored else runs
     if df.empty:
         return []
-    df = seed_means(latest(df))
-    df["ablation"] = df["ablation"].fillna("").astype(str)
+    per_seed = latest(df)
+    per_seed["ablation"] = per_seed["ablation"].fillna("").astype(str)
+    per_seed["variant"] = per_seed["variant"].fillna("").astype(str)
+    skip = (*GROUP, "seed", "start_time")
+    num = [c for c in per_seed.columns if c not in skip and pd.api.types.is_numeric_dtype(per_seed[c])]
+    stats = seedstats.aggregate(per_seed, GROUP, num)  # seed means, their intervals, `seeds`
+    df = stats[[*GROUP, *num, "seeds"]]
     wanted = None if ablations is None else set(ablations)
     written: list[Path] = []
     for (preset, ablation), group in df.groupby(["preset", "ablation"], sort=True):
         name = ablation or UNGROUPED
         if wanted is not None and ablation not in wanted and name not in wanted:
             continue
-        order = {v: i for i, v in enumerate(_variant_order(ablation))} if ablation else {}
+        variants = _variant_order(ablation) if ablation else []
+        order = {v: i for i, v in enumerate(variants)}
         group = group.assign(_o=group["variant"].map(order).fillna(len(order)))
         group = group.sort_values(["_o", "method", "memory"]).drop(columns="_o")
         rows = bench_rows(group)
+        seeds = per_seed[(per_seed["preset"] == preset) & (per_seed["ablation"] == ablation)]
+        seeds = seeds.assign(_o=seeds["variant"].map(order).fillna(len(order))).sort_values(["_o", "seed"])
+        seed_md, pairs = seed_tables(bench_rows(seeds.drop(columns="_o")), variants[0] if variants else None)
+        md = render(name, rows, _description(ablation)) + ("\n" + seed_md if seed_md else "")
         base = Path(out) / str(preset) / name
-        written.append(atomic_write_text(base.with_suffix(".md"), render(name, rows, _description(ablation))))
-        written.append(atomic_write_text(base.with_suffix(".csv"), group.to_csv(index=False)))
+        files = [atomic_write_text(base.with_suffix(".md"), md)]
+        files.append(atomic_write_text(base.with_suffix(".csv"), stats.loc[group.index].to_csv(index=False)))
+        if not pairs.empty:
+            files.append(atomic_write_text(base.with_suffix(".paired.csv"), pairs.to_csv(index=False)))
+        if stored and seed_md and cfg.tracking.enabled:
+            heads = [c for c, *_ in headline(bench_rows(seeds.drop(columns="_o")))]
+            log_seed_tables(cfg, str(preset), name, stats.loc[group.index], pairs, heads, files)
+        written += files
     return written
-
-
-# --- what the notebooks plot --------------------------------------------------------------------
-
-
-def load_rows(cfg: DictConfig, results_dir: str | Path = RESULTS) -> tuple[pd.DataFrame, str]:
-    """Seed-mean pipeline rows and where they came from: the MLflow store when it has finished
-    pipeline runs, else the tables committed under `results_dir/<preset>/*.csv` (a fresh clone)."""
-    df = pipeline_runs(cfg)
-    source = f"MLflow ({cfg.tracking.experiment})"
-    if df.empty:
-        files = sorted(Path(results_dir).glob("*/*.csv"))
-        frames = [pd.read_csv(f, keep_default_na=False, na_values=[""]) for f in files]
-        frames = [f for f in frames if {"preset", "ablation", "variant"} <= set(f.columns)]
-        if not frames:
-            return pd.DataFrame(columns=[*GROUP, "label"]), "no runs yet"
-        rows, source = (
-            pd.concat(frames, ignore_index=True),
-            f"{len(frames)} committed table(s) in {results_dir}",
-        )
-        for c in ("ablation", "variant"):
-            rows[c] = rows[c].fillna("").astype(str)
-    else:
-        rows = seed_means(latest(df))
-    from cf.bench.tables import row_label
-
-    rows = rows.reset_index(drop=True)
-    rows["label"] = [row_label(r) for _, r in bench_rows(rows).iterrows()]
-    return rows, source
-
-
-def first_frame_curves(rows: pd.DataFrame) -> pd.DataFrame:
-    """Long form of first-frame consistency: preset, ablation, label, backbone, t (s), value."""
-    from cf.metrics.columns import FIRST_FRAME
-
-    out = []
-    for c in rows.columns:
-        m = FIRST_FRAME.match(c.removeprefix("bench/")) if c.startswith("bench/") else None
-        if m:
-            for _, r in rows[rows[c].notna()].iterrows():
-                out.append(
-                    {
-                        "preset": r["preset"],
-                        "ablation": r["ablation"] or UNGROUPED,
-                        "label": r["label"],
-                        "backbone": m["backbone"],
-                        "t": float(m["t"]),
-                        "value": float(r[c]),
-                    }
-                )
-    return pd.DataFrame(out, columns=["preset", "ablation", "label", "backbone", "t", "value"])
-
-
-def revisit_curves(rows: pd.DataFrame, what: str = "retention") -> pd.DataFrame:
-    """Long form of a revisit measure by lag bin: preset, ablation, label, lo_s, hi_s, value."""
-    from cf.metrics.columns import REVISIT_LAG
-
-    out = []
-    for c in rows.columns:
-        m = REVISIT_LAG.match(c.removeprefix("bench/")) if c.startswith("bench/") else None
-        if m and m["what"] == what:
-            for _, r in rows[rows[c].notna()].iterrows():
-                out.append(
-                    {
-                        "preset": r["preset"],
-                        "ablation": r["ablation"] or UNGROUPED,
-                        "label": r["label"],
-                        "lo_s": float(m["lo"]),
-                        "hi_s": float(m["hi"]),
-                        "value": float(r[c]),
-                    }
-                )
-    return pd.DataFrame(out, columns=["preset", "ablation", "label", "lo_s", "hi_s", "value"])
-
-
-def rollout_curves(bench_dir: str | Path = ROOT / "benchmarks" / "results") -> pd.DataFrame:
-    """Per chunk of `benchmarks/results/rollout_<preset>.json`: preset, policy, chunk, ms, kv_mib."""
-    import json
-
-    out = []
-    for f in sorted(Path(bench_dir).glob("rollout_*.json")):
-        doc = json.loads(f.read_text())
-        for policy, run in doc.get("runs", {}).items():
-            for i, (s, b) in enumerate(zip(run["chunk_latency_s"], run["kv_bytes"])):
-                out.append(
-                    {
-                        "preset": doc["preset"],
-                        "policy": policy,
-                        "chunk": i + 1,
-                        "ms": 1e3 * s,
-                        "kv_mib": b / 2**20,
-                    }
-                )
-    return pd.DataFrame(out, columns=["preset", "policy", "chunk", "ms", "kv_mib"])
-
-
-def train_benchmarks(bench_dir: str | Path = ROOT / "benchmarks" / "results") -> pd.DataFrame:
-    """`benchmarks/results/train_<preset>.json` rows: preset, stage, step_ms, mfu, samples_per_s."""
-    import json
-
-    out = []
-    for f in sorted(Path(bench_dir).glob("train_*.json")):
-        for r in json.loads(f.read_text()).get("stages", []):
-            out.append(
-                {
-                    "preset": r["preset"],
-                    "stage": r["stage"],
-                    "step_ms": 1e3 * r["step_s"],
-                    "mfu": r["mfu"],
-                    "samples_per_s": r["samples_per_s"],
-                }
-            )
-    return pd.DataFrame(out, columns=["preset", "stage", "step_ms", "mfu", "samples_per_s"])
-
-
-def training_curves(cfg: DictConfig, pattern: str = "loss") -> pd.DataFrame:
-    """Loss histories of each latest pipeline's stage runs (tags `run.<stage>`, cached stages
-    included): preset, label, stage, metric, step, value. Metrics whose name contains `pattern`."""
-    df = latest(pipeline_runs(cfg))
-    cols = ["preset", "label", "stage", "metric", "step", "value"]
-    if df.empty:
-        return pd.DataFrame(columns=cols)
-    from cf.bench.tables import row_label
-    from cf.store import run_exists
-
-    client = _client(cfg)
-    out, seen = [], set()
-    for (_, r), (_, b) in zip(df.iterrows(), bench_rows(df).iterrows()):
-        parent = client.get_run(r["run_id"])
-        for tag, run_id in sorted(parent.data.tags.items()):
-            if not tag.startswith("run.") or (run_id, row_label(b)) in seen:
-                continue
-            seen.add((run_id, row_label(b)))
-            stage = tag.removeprefix("run.")
-            if not run_exists(client, run_id):  # e.g. a pipeline logged before its cache was re-recorded
-                print(f"training curves: skipping {stage} of {row_label(b)}: its run {run_id} is not in this "
-                      "store (run `make ablate` again with the same settings to record it from the cache)",
-                      file=sys.stderr)
-                continue
-            for key in client.get_run(run_id).data.metrics:
-                if pattern in key:
-                    for m in client.get_metric_history(run_id, key):
-                        out.append(
-                            {
-                                "preset": r["preset"],
-                                "label": row_label(b),
-                                "stage": stage,
-                                "metric": key,
-                                "step": m.step,
-                                "value": m.value,
-                            }
-                        )
-    return pd.DataFrame(out, columns=cols)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cf import pipeline, results, stage_cache, store, tracking
+from cf import curves, pipeline, results, stage_cache, store, tracking
 from cf.cli import main
 from cf.config import load_config
 from cf.faults import FAILPOINT_ENV, DiskFullError, failpoint, is_disk_full
@@ -307,14 +307,14 @@ def test_a_new_store_gets_the_cached_stage_runs_recorded_again(tmp_path, db, cap
     assert c.get_run(again.parent_run_id).data.tags["run.teacher"] == parent.data.tags["run.teacher"]
     # tables and notebooks read the pipeline from the new store
     cfg = cfg_for(out, new, "x")
-    curves = results.training_curves(cfg)
-    assert sorted(set(curves["stage"])) == sorted(NAMES)
+    hist = curves.training_curves(cfg)
+    assert sorted(set(hist["stage"])) == sorted(NAMES)
     # a reader that meets a run the store does not have skips it and says which
     c.set_tag(again.parent_run_id, "run.cdmd1", "0123456789abcdef0123456789abcdef")
     capfd.readouterr()
-    curves = results.training_curves(cfg)
+    hist = curves.training_curves(cfg)
     assert "training curves: skipping cdmd1" in capfd.readouterr().err
-    assert "cdmd1" not in set(curves["stage"]) and "cdmd2" in set(curves["stage"])
+    assert "cdmd1" not in set(hist["stage"]) and "cdmd2" in set(hist["stage"])
 
 
 # --- non-finite loss and full disk on a real (toy) Lightning training ----------------------------

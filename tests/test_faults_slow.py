@@ -233,10 +233,10 @@ def test_a_new_store_under_a_kept_cache_then_tables_and_notebooks(reference, tmp
     rc, err = cf(tmp_path)  # tmp_path/mlflow.db does not exist: a new store
     assert rc == 0, err[-3000:]
     cfg = load_config("smoke", overrides=[f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
-    from cf import results
+    from cf import curves, results
 
     assert results.write_tables(cfg, out=tmp_path / "results")
-    assert set(results.training_curves(cfg)["stage"]) == set(TRAINED)  # the stages with a loss
+    assert set(curves.training_curves(cfg)["stage"]) == set(TRAINED)  # the stages with a loss
     c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (parent,) = c.search_runs([c.get_experiment_by_name("cf").experiment_id], "tags.stage = 'pipeline'")
     for name in NAMES:  # every cached stage has its run in the new store, nested under the pipeline

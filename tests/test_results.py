@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cf import ablation, pipeline, results, tracking
+from cf import ablation, curves, pipeline, results, tracking
 from cf.cli import main
 from cf.config import load_config
 
@@ -171,26 +171,26 @@ def test_tables_from_a_real_store_after_a_grid_on_a_toy_bench(toy_store):
 def test_what_the_notebooks_plot_comes_from_the_store_or_the_committed_tables(toy_store, tmp_path):
     tmp, store = toy_store
     cfg = load_config("smoke", overrides=store)
-    rows, source = results.load_rows(cfg)
+    rows, source = curves.load_rows(cfg)
     assert source == "MLflow (t)" and list(rows["label"]) == LABELS
-    ff = results.first_frame_curves(rows)
+    ff = curves.first_frame_curves(rows)
     got = {(r.label, r.t): round(r.value, 6) for r in ff.itertuples()}
     assert got == {(lab, t): round(s / t, 6) for lab, s in zip(LABELS, SCORES.values()) for t in (1.0, 2.0)}
-    rv = results.revisit_curves(rows, "psnr")
+    rv = curves.revisit_curves(rows, "psnr")
     assert list(rv["lo_s"]) == [4, 4, 4] and list(rv["hi_s"]) == [6, 6, 6]
     assert list(rv["value"]) == pytest.approx([18.0, 16.0, 14.0])
-    assert list(results.revisit_curves(rows)["value"]) == pytest.approx(list(SCORES.values()))  # retention
-    curves = results.training_curves(cfg)
-    assert set(curves["stage"]) == {"bench"} and set(curves["metric"]) == {"bench/toy_loss"}
-    sim = curves[curves["label"] == LABELS[0]].sort_values("step")
+    assert list(curves.revisit_curves(rows)["value"]) == pytest.approx(list(SCORES.values()))  # retention
+    hist = curves.training_curves(cfg)
+    assert set(hist["stage"]) == {"bench"} and set(hist["metric"]) == {"bench/toy_loss"}
+    sim = hist[hist["label"] == LABELS[0]].sort_values("step")
     assert list(sim["step"]) == [1, 2, 3] and list(sim["value"]) == pytest.approx([0.9, 0.45, 0.3])
     # a fresh clone: no store, but the committed tables
     results.write_tables(cfg, out=tmp_path / "res")
     empty = load_config("smoke", overrides=[f"tracking.uri=sqlite:///{tmp_path / 'none.db'}"])
-    rows2, source2 = results.load_rows(empty, results_dir=tmp_path / "res")
+    rows2, source2 = curves.load_rows(empty, results_dir=tmp_path / "res")
     assert source2.startswith("1 committed table(s)") and list(rows2["label"]) == LABELS
-    assert results.first_frame_curves(rows2).equals(ff)
-    assert results.load_rows(empty, results_dir=tmp_path / "nothing")[1] == "no runs yet"
+    assert curves.first_frame_curves(rows2).equals(ff)
+    assert curves.load_rows(empty, results_dir=tmp_path / "nothing")[1] == "no runs yet"
 
 
 def test_rollout_and_training_benchmarks_as_frames(tmp_path):
@@ -209,7 +209,7 @@ def test_rollout_and_training_benchmarks_as_frames(tmp_path):
             }
         )
     )
-    roll = results.rollout_curves(tmp_path)
+    roll = curves.rollout_curves(tmp_path)
     assert roll.to_dict("list") == {
         "preset": ["x", "x"],
         "policy": ["sink", "sink"],
@@ -217,7 +217,7 @@ def test_rollout_and_training_benchmarks_as_frames(tmp_path):
         "ms": [10.0, 20.0],
         "kv_mib": [1.0, 2.0],
     }
-    train = results.train_benchmarks(tmp_path)
+    train = curves.train_benchmarks(tmp_path)
     assert train.to_dict("records") == [
         {"preset": "x", "stage": "teacher", "step_ms": 100.0, "mfu": 0.02, "samples_per_s": 80.0}
     ]

@@ -1,0 +1,164 @@
+"""What the notebooks plot, as long-form DataFrames: seed-mean pipeline rows (from MLflow, or the tables
+committed under `results/` on a fresh clone), first-frame consistency and revisit curves, the rollout and
+training benchmarks' records, and the stages' loss histories."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from cf.config.load import ROOT
+from cf.results import GROUP, RESULTS, UNGROUPED, _client, bench_rows, latest, pipeline_runs, seed_means
+
+
+def load_rows(cfg: DictConfig, results_dir: str | Path = RESULTS) -> tuple[pd.DataFrame, str]:
+    """Seed-mean pipeline rows and where they came from: the MLflow store when it has finished
+    pipeline runs, else the tables committed under `results_dir/<preset>/*.csv` (a fresh clone)."""
+    df = pipeline_runs(cfg)
+    source = f"MLflow ({cfg.tracking.experiment})"
+    if df.empty:
+        files = sorted(Path(results_dir).glob("*/*.csv"))
+        frames = [pd.read_csv(f, keep_default_na=False, na_values=[""]) for f in files]
+        frames = [f for f in frames if {"preset", "ablation", "variant"} <= set(f.columns)]
+        if not frames:
+            return pd.DataFrame(columns=[*GROUP, "label"]), "no runs yet"
+        rows, source = (
+            pd.concat(frames, ignore_index=True),
+            f"{len(frames)} committed table(s) in {results_dir}",
+        )
+        for c in ("ablation", "variant"):
+            rows[c] = rows[c].fillna("").astype(str)
+    else:
+        rows = seed_means(latest(df))
+    from cf.bench.tables import row_label
+
+    rows = rows.reset_index(drop=True)
+    rows["label"] = [row_label(r) for _, r in bench_rows(rows).iterrows()]
+    return rows, source
+
+
+def first_frame_curves(rows: pd.DataFrame) -> pd.DataFrame:
+    """Long form of first-frame consistency: preset, ablation, label, backbone, t (s), value."""
+    from cf.metrics.columns import FIRST_FRAME
+
+    out = []
+    for c in rows.columns:
+        m = FIRST_FRAME.match(c.removeprefix("bench/")) if c.startswith("bench/") else None
+        if m:
+            for _, r in rows[rows[c].notna()].iterrows():
+                out.append(
+                    {
+                        "preset": r["preset"],
+                        "ablation": r["ablation"] or UNGROUPED,
+                        "label": r["label"],
+                        "backbone": m["backbone"],
+                        "t": float(m["t"]),
+                        "value": float(r[c]),
+                    }
+                )
+    return pd.DataFrame(out, columns=["preset", "ablation", "label", "backbone", "t", "value"])
+
+
+def revisit_curves(rows: pd.DataFrame, what: str = "retention") -> pd.DataFrame:
+    """Long form of a revisit measure by lag bin: preset, ablation, label, lo_s, hi_s, value."""
+    from cf.metrics.columns import REVISIT_LAG
+
+    out = []
+    for c in rows.columns:
+        m = REVISIT_LAG.match(c.removeprefix("bench/")) if c.startswith("bench/") else None
+        if m and m["what"] == what:
+            for _, r in rows[rows[c].notna()].iterrows():
+                out.append(
+                    {
+                        "preset": r["preset"],
+                        "ablation": r["ablation"] or UNGROUPED,
+                        "label": r["label"],
+                        "lo_s": float(m["lo"]),
+                        "hi_s": float(m["hi"]),
+                        "value": float(r[c]),
+                    }
+                )
+    return pd.DataFrame(out, columns=["preset", "ablation", "label", "lo_s", "hi_s", "value"])
+
+
+def rollout_curves(bench_dir: str | Path = ROOT / "benchmarks" / "results") -> pd.DataFrame:
+    """Per chunk of `benchmarks/results/rollout_<preset>.json`: preset, policy, chunk, ms, kv_mib."""
+    import json
+
+    out = []
+    for f in sorted(Path(bench_dir).glob("rollout_*.json")):
+        doc = json.loads(f.read_text())
+        for policy, run in doc.get("runs", {}).items():
+            for i, (s, b) in enumerate(zip(run["chunk_latency_s"], run["kv_bytes"])):
+                out.append(
+                    {
+                        "preset": doc["preset"],
+                        "policy": policy,
+                        "chunk": i + 1,
+                        "ms": 1e3 * s,
+                        "kv_mib": b / 2**20,
+                    }
+                )
+    return pd.DataFrame(out, columns=["preset", "policy", "chunk", "ms", "kv_mib"])
+
+
+def train_benchmarks(bench_dir: str | Path = ROOT / "benchmarks" / "results") -> pd.DataFrame:
+    """`benchmarks/results/train_<preset>.json` rows: preset, stage, step_ms, mfu, samples_per_s."""
+    import json
+
+    out = []
+    for f in sorted(Path(bench_dir).glob("train_*.json")):
+        for r in json.loads(f.read_text()).get("stages", []):
+            out.append(
+                {
+                    "preset": r["preset"],
+                    "stage": r["stage"],
+                    "step_ms": 1e3 * r["step_s"],
+                    "mfu": r["mfu"],
+                    "samples_per_s": r["samples_per_s"],
+                }
+            )
+    return pd.DataFrame(out, columns=["preset", "stage", "step_ms", "mfu", "samples_per_s"])
+
+
+def training_curves(cfg: DictConfig, pattern: str = "loss") -> pd.DataFrame:
+    """Loss histories of each latest pipeline's stage runs (tags `run.<stage>`, cached stages
+    included): preset, label, stage, metric, step, value. Metrics whose name contains `pattern`."""
+    df = latest(pipeline_runs(cfg))
+    cols = ["preset", "label", "stage", "metric", "step", "value"]
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    from cf.bench.tables import row_label
+    from cf.store import run_exists
+
+    client = _client(cfg)
+    out, seen = [], set()
+    for (_, r), (_, b) in zip(df.iterrows(), bench_rows(df).iterrows()):
+        parent = client.get_run(r["run_id"])
+        for tag, run_id in sorted(parent.data.tags.items()):
+            if not tag.startswith("run.") or (run_id, row_label(b)) in seen:
+                continue
+            seen.add((run_id, row_label(b)))
+            stage = tag.removeprefix("run.")
+            if not run_exists(client, run_id):  # e.g. a pipeline logged before its cache was re-recorded
+                print(f"training curves: skipping {stage} of {row_label(b)}: its run {run_id} is not in this "
+                      "store (run `make ablate` again with the same settings to record it from the cache)",
+                      file=sys.stderr)
+                continue
+            for key in client.get_run(run_id).data.metrics:
+                if pattern in key:
+                    for m in client.get_metric_history(run_id, key):
+                        out.append(
+                            {
+                                "preset": r["preset"],
+                                "label": row_label(b),
+                                "stage": stage,
+                                "metric": key,
+                                "step": m.step,
+                                "value": m.value,
+                            }
+                        )
+    return pd.DataFrame(out, columns=cols)
