@@ -40,8 +40,16 @@ def load_rows(cfg: DictConfig, results_dir: str | Path = RESULTS) -> tuple[pd.Da
     return rows, source
 
 
+def _bounds(row, col: str) -> dict[str, float]:
+    """A seed-mean cell's 95% interval (NaN when the row has none: one seed, or an older table)."""
+    from cf.seedstats import HI, LO
+
+    return {"lo": float(row.get(col + LO, float("nan"))), "hi": float(row.get(col + HI, float("nan")))}
+
+
 def first_frame_curves(rows: pd.DataFrame) -> pd.DataFrame:
-    """Long form of first-frame consistency: preset, ablation, label, backbone, t (s), value."""
+    """Long form of first-frame consistency: preset, ablation, label, backbone, t (s), value, lo, hi (its
+    95% interval over seeds; NaN with one seed)."""
     from cf.metrics.columns import FIRST_FRAME
 
     out = []
@@ -57,13 +65,14 @@ def first_frame_curves(rows: pd.DataFrame) -> pd.DataFrame:
                         "backbone": m["backbone"],
                         "t": float(m["t"]),
                         "value": float(r[c]),
+                        **_bounds(r, c),
                     }
                 )
-    return pd.DataFrame(out, columns=["preset", "ablation", "label", "backbone", "t", "value"])
+    return pd.DataFrame(out, columns=["preset", "ablation", "label", "backbone", "t", "value", "lo", "hi"])
 
 
 def revisit_curves(rows: pd.DataFrame, what: str = "retention") -> pd.DataFrame:
-    """Long form of a revisit measure by lag bin: preset, ablation, label, lo_s, hi_s, value."""
+    """Long form of a revisit measure by lag bin: preset, ablation, label, lo_s, hi_s, value, lo, hi."""
     from cf.metrics.columns import REVISIT_LAG
 
     out = []
@@ -79,9 +88,10 @@ def revisit_curves(rows: pd.DataFrame, what: str = "retention") -> pd.DataFrame:
                         "lo_s": float(m["lo"]),
                         "hi_s": float(m["hi"]),
                         "value": float(r[c]),
+                        **_bounds(r, c),
                     }
                 )
-    return pd.DataFrame(out, columns=["preset", "ablation", "label", "lo_s", "hi_s", "value"])
+    return pd.DataFrame(out, columns=["preset", "ablation", "label", "lo_s", "hi_s", "value", "lo", "hi"])
 
 
 def rollout_curves(bench_dir: str | Path = ROOT / "benchmarks" / "results") -> pd.DataFrame:

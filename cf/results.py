@@ -93,16 +93,19 @@ def latest(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values("start_time").groupby(keys, dropna=False, sort=False).tail(1)
 
 
-def seed_means(df: pd.DataFrame) -> pd.DataFrame:
-    """Numeric columns averaged over seeds per (preset, ablation, variant, method, memory), plus `seeds`."""
+def seed_means(df: pd.DataFrame, intervals: bool = True) -> pd.DataFrame:
+    """Numeric columns averaged over seeds per (preset, ablation, variant, method, memory), plus `seeds`;
+    with `intervals`, each column's 95% t interval over the seeds as `<col>_ci_lo` / `<col>_ci_hi`
+    (`cf.seedstats`; NaN with one seed)."""
+    from cf import seedstats
+
     if df.empty:
         return df
+    df = df.assign(**{c: df[c].fillna("").astype(str) for c in ("ablation", "variant") if c in df})
     skip = (*GROUP, "seed", "start_time")
     num = [c for c in df.columns if c not in skip and pd.api.types.is_numeric_dtype(df[c])]
-    g = df.groupby(GROUP, dropna=False, sort=False)
-    out = g[num].mean().reset_index()
-    out["seeds"] = g.size().values
-    return out
+    out = seedstats.aggregate(df, GROUP, num)
+    return out if intervals else out[[*GROUP, *num, "seeds"]]
 
 
 @functools.lru_cache(maxsize=64)
@@ -283,12 +286,9 @@ def write_tables(
     if df.empty:
         return []
     per_seed = latest(df)
-    per_seed["ablation"] = per_seed["ablation"].fillna("").astype(str)
-    per_seed["variant"] = per_seed["variant"].fillna("").astype(str)
-    skip = (*GROUP, "seed", "start_time")
-    num = [c for c in per_seed.columns if c not in skip and pd.api.types.is_numeric_dtype(per_seed[c])]
-    stats = seedstats.aggregate(per_seed, GROUP, num)  # seed means, their intervals, `seeds`
-    df = stats[[*GROUP, *num, "seeds"]]
+    per_seed = per_seed.assign(**{c: per_seed[c].fillna("").astype(str) for c in ("ablation", "variant")})
+    stats = seed_means(per_seed)  # seed means, their intervals, `seeds`
+    df = stats[[c for c in stats.columns if not c.endswith((seedstats.LO, seedstats.HI))]]
     wanted = None if ablations is None else set(ablations)
     written: list[Path] = []
     for (preset, ablation), group in df.groupby(["preset", "ablation"], sort=True):

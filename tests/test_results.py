@@ -230,6 +230,7 @@ def test_make_notebooks_executes_every_notebook_headless(toy_store, tmp_path):
     argv = ["notebooks", "--preset", "smoke", "--out", str(tmp_path), "--figures", str(figs), *store]
     assert main(argv) == 0
     assert {p.name for p in (tmp_path / "notebooks").iterdir()} == {
+        "claims.ipynb",
         "consistency.ipynb",
         "performance.ipynb",
         "training.ipynb",
