@@ -70,6 +70,18 @@ class ModelConfig:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 | fp64
     compile: bool = False
     attention_backend: str = "auto"  # auto | math | flash | efficient | cudnn (SDPA kernels)
+    # --- Wan2.1's function (cf.wan reads real Wan checkpoints into this network: docs/wan.md). The
+    # defaults are the native network; the keys below only change it when set (cf.wan sets them all).
+    # with qk_norm: RMSNorm of q and k over all heads at once (weight [dim], Wan) instead of per head
+    qk_norm_across_heads: bool = False
+    freq_dim: int | None = None  # width of the timestep sinusoid (Wan: 256); None: model.dim
+    # prepend a learned null token to the cross-attention context (guidance's null condition attends to
+    # it); false (Wan): the context is the text alone and the unconditional branch is Cond.null_text
+    null_token: bool = True
+    # 0: text tokens attended by their mask; N (Wan: 512): text features zero-padded to N tokens, all attended
+    text_pad_tokens: int = 0
+    # time embedding, modulation, norms and gated residuals in fp32 whatever model.dtype (as Wan keeps them)
+    fp32_modulation: bool = False
 
 
 @dataclass

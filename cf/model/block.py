@@ -9,12 +9,14 @@ from cf.model.attention import CrossAttention, SelfAttention
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, ffn_dim: int, qk_norm: bool):
+    def __init__(self, dim: int, heads: int, ffn_dim: int, qk_norm: bool, across_heads: bool = False,
+                 fp32_modulation: bool = False):
         super().__init__()
+        self.fp32 = fp32_modulation  # modulation, norms and gated residuals in fp32 (Wan), see forward
         self.norm1 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
-        self.attn = SelfAttention(dim, heads, qk_norm)
+        self.attn = SelfAttention(dim, heads, qk_norm, across_heads)
         self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
-        self.cross = CrossAttention(dim, heads, qk_norm)
+        self.cross = CrossAttention(dim, heads, qk_norm, across_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(ffn_dim, dim))
@@ -33,6 +35,8 @@ class Block(nn.Module):
         mask: Tensor | None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x [B, F, N, D]; e [B, F, 6, D] per-frame modulation from the timestep (and camera)."""
+        if self.fp32:
+            return self._forward_fp32(x, e, cos, sin, ctx, ctx_mask, read_kv, mask)
         mod = (self.modulation + e).unsqueeze(2)  # [B, F, 1, 6, D]: one per frame, shared by its tokens
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(3)
         a, kv = self.attn(self.norm1(x) * (1 + scale1) + shift1, cos, sin, read_kv, mask)
@@ -41,3 +45,24 @@ class Block(nn.Module):
         x = x + gate2 * self.ffn(self.norm2(x) * (1 + scale2) + shift2)
         return x, kv
 
+
+    def _forward_fp32(self, x, e, cos, sin, ctx, ctx_mask, read_kv, mask):
+        """The same block with Wan's precision: modulation, the norms and the gated residual adds in
+        fp32 (fp64 for a float64 model), the attention and MLP in the compute dtype of x."""
+        hp = torch.promote_types(x.dtype, torch.float32)
+        dt = x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            mod = (self.modulation.to(hp) + e.to(hp)).unsqueeze(2)
+            shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(3)
+            h = (self.norm1(x.to(hp)) * (1 + scale1) + shift1).to(dt)
+        a, kv = self.attn(h, cos, sin, read_kv, mask)
+        with torch.autocast(x.device.type, enabled=False):
+            x = (x.to(hp) + gate1 * a.to(hp)).to(dt)
+            h = self.norm_cross(x.to(hp)).to(dt)
+        x = x + self.cross(h, ctx, ctx_mask).to(dt)
+        with torch.autocast(x.device.type, enabled=False):
+            h = (self.norm2(x.to(hp)) * (1 + scale2) + shift2).to(dt)
+        y = self.ffn(h)
+        with torch.autocast(x.device.type, enabled=False):
+            x = (x.to(hp) + gate2 * y.to(hp)).to(dt)
+        return x, kv

@@ -63,14 +63,19 @@ class CausalVideoDiT(nn.Module):
         self.text_proj = nn.Sequential(nn.Linear(m.text_dim, m.dim), nn.GELU(approximate="tanh"),
                                        nn.Linear(m.dim, m.dim))
         # always-present context token: guidance's null condition (and a prompt-less model)
-        # attends to it instead of to nothing
-        self.null_token = nn.Parameter(torch.randn(1, m.dim) * 0.02)
-        self.time_embed = nn.Sequential(nn.Linear(m.dim, m.dim), nn.SiLU(), nn.Linear(m.dim, m.dim))
+        # attends to it instead of to nothing. Without it (model.null_token=false, Wan) the context is the
+        # text alone and the unconditional branch is a text of its own (Cond.null_text: a negative prompt)
+        self.null_token = nn.Parameter(torch.randn(1, m.dim) * 0.02) if m.null_token else None
+        self.text_pad = int(m.text_pad_tokens)
+        self.freq_dim = m.freq_dim or m.dim  # width of the timestep sinusoid
+        self.fp32 = bool(m.fp32_modulation)
+        self.time_embed = nn.Sequential(nn.Linear(self.freq_dim, m.dim), nn.SiLU(), nn.Linear(m.dim, m.dim))
         self.camera_embed = (
             nn.Sequential(nn.Linear(m.dim, m.dim), nn.SiLU(), nn.Linear(m.dim, m.dim)) if m.camera else None
         )
         self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(m.dim, 6 * m.dim))
-        self.blocks = nn.ModuleList(Block(m.dim, m.heads, m.ffn_dim, m.qk_norm) for _ in range(m.depth))
+        self.blocks = nn.ModuleList(Block(m.dim, m.heads, m.ffn_dim, m.qk_norm, m.qk_norm_across_heads,
+                                          self.fp32) for _ in range(m.depth))
         self.head_norm = nn.LayerNorm(m.dim, eps=1e-6, elementwise_affine=False)
         self.head_modulation = nn.Parameter(torch.randn(2, m.dim) * m.dim**-0.5)
         self.head = nn.Linear(m.dim, patch_dim)
@@ -96,8 +101,13 @@ class CausalVideoDiT(nn.Module):
         text, mask = self.encode_text(prompts) if prompts is not None else (None, None)
         return Cond(text=text, text_mask=mask, camera=camera, null=null)
 
-    def _context(self, cond: Cond, b: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Cross-attention context [B, 1 + L, D] and mask [B, 1 + L]: the null token, then the text."""
+    def _context(self, cond: Cond, b: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """Cross-attention context [B, 1 + L, D] and mask [B, 1 + L]: the null token, then the text.
+
+        Without a null token (Wan): the text alone; with model.text_pad_tokens=N its features are
+        zero-padded to N tokens and all attended (mask None), as Wan pads UMT5's features to 512."""
+        if self.null_token is None:
+            return self._text_context(cond, b, device)
         null_tok = self.null_token.expand(b, 1, self.dim)
         ones = torch.ones(b, 1, dtype=torch.bool, device=device)
         if cond.text is None:
@@ -109,13 +119,35 @@ class CausalVideoDiT(nn.Module):
             mask = mask & ~cond.null[:, None]
         return torch.cat([null_tok, text], dim=1), torch.cat([ones, mask], dim=1)
 
+    def _text_context(self, cond: Cond, b: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """The context of a model without a null token: the text (its null rows are whatever text the
+        caller put there, e.g. a negative prompt through Cond.null_text: nothing is masked here)."""
+        dtype = self.text_proj[0].weight.dtype
+        text = cond.text
+        if text is None:
+            if not self.text_pad:
+                raise CfError("a model with model.null_token=false and model.text_pad_tokens=0 needs text "
+                              "features in cond.text (it has no null token to attend to)")
+            text = torch.zeros(b, 0, self.text_proj[0].in_features, device=device)
+        if self.text_pad:
+            if text.shape[1] > self.text_pad:
+                raise CfError(f"text features have {text.shape[1]} tokens, more than "
+                              f"model.text_pad_tokens={self.text_pad}; truncate the prompt's tokens")
+            text = torch.nn.functional.pad(text, (0, 0, 0, self.text_pad - text.shape[1]))
+            return self.text_proj(text.to(dtype)), None
+        mask = cond.text_mask
+        if mask is not None and not bool(mask.any(dim=1).all()):
+            raise CfError("a text row with no attended token (cond.text_mask all False) in a model "
+                          "without a null token; give every row at least one token")
+        return self.text_proj(text.to(dtype)), mask
+
     # ---------------------------------------------------------------- positions
     def _spatial(self, camera: Tensor | None, f: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(y, x) of every token in units of patch / model.position_scale, in the angle dtype (never
         bf16: positions reach the thousands): [B, F, N] from the cameras (world) or [1, F, N] (frame)."""
         pd = angle_dtype(dtype)
         s = self.position_scale
-        grid = torch.arange(self.rows * self.cols, device=self.null_token.device)
+        grid = torch.arange(self.rows * self.cols, device=self.head.weight.device)
         gy, gx = (grid // self.cols).to(pd) * s, (grid % self.cols).to(pd) * s
         if self.positions == "frame":
             return gy.expand(1, f, -1), gx.expand(1, f, -1)
@@ -163,14 +195,15 @@ class CausalVideoDiT(nn.Module):
             tokens = tokens + sinusoid_2d(ys, xs, self.dim).to(tokens.dtype)
         cos, sin = self.rope(time_pos, ys, xs, tokens.dtype)
 
-        e = self.time_embed(sinusoid(t, self.dim).to(tokens.dtype))  # [B, F, D]
+        e = self._time_embedding(t, tokens.dtype)  # [B, F, D]
         if self.camera_embed is not None and cond.camera is not None:
             cam = cond.camera.to(angle_dtype(x.dtype)) / self.patch
             c = self.camera_embed(sinusoid_2d(cam[..., 1], cam[..., 0], self.dim).to(tokens.dtype))
             if cond.null is not None:
                 c = c * (~cond.null).to(c.dtype)[:, None, None]
             e = e + c
-        e6 = self.time_proj(e).unflatten(-1, (6, self.dim))  # [B, F, 6, D]
+        with self._hp_region(x):
+            e6 = self.time_proj(e).unflatten(-1, (6, self.dim))  # [B, F, 6, D]
         ctx, ctx_mask = self._context(cond, b, x.device)
 
         if read is not None and read.n_frames:
@@ -184,9 +217,46 @@ class CausalVideoDiT(nn.Module):
             tokens, kv = blk(tokens, e6, cos, sin, ctx, ctx_mask, read_kv, mask)
             kvs.append(kv)
 
-        shift, scale = (self.head_modulation + e.unsqueeze(2)).unsqueeze(2).unbind(3)  # [B, F, 1, D] each
-        out = self.head(self.head_norm(tokens) * (1 + scale) + shift)
+        if self.fp32:  # Wan: the head's modulation and norm in fp32, the projection in the compute dtype
+            hp = torch.promote_types(tokens.dtype, torch.float32)
+            with self._hp_region(x):
+                shift, scale = (self.head_modulation.to(hp) + e.to(hp).unsqueeze(2)).unsqueeze(2).unbind(3)
+                h = (self.head_norm(tokens.to(hp)) * (1 + scale) + shift).to(tokens.dtype)
+            out = self.head(h)
+        else:
+            shift, scale = (self.head_modulation + e.unsqueeze(2)).unsqueeze(2).unbind(3)  # [B, F, 1, D] each
+            out = self.head(self.head_norm(tokens) * (1 + scale) + shift)
         return ModelOutput(pred=unpatchify(out, self.patch, self.channels, self.height, self.width), kv=kvs)
+
+    def _time_embedding(self, t: Tensor, dtype: torch.dtype) -> Tensor:
+        """Timestep input [B, F] -> embedding [B, F, D]: a sinusoid of model.freq_dim channels, an MLP.
+        With model.fp32_modulation (Wan) in fp32 (fp64 for a float64 model), whatever the compute dtype."""
+        if not self.fp32:
+            return self.time_embed(sinusoid(t, self.freq_dim).to(dtype))
+        hp = torch.promote_types(dtype, torch.float32)
+        with self._hp_region(t):
+            return self.time_embed(sinusoid(t, self.freq_dim).to(hp))
+
+    def _hp_region(self, x: Tensor):
+        """No autocast inside (model.fp32_modulation): what Wan keeps in fp32 stays there."""
+        import contextlib
+
+        return torch.autocast(x.device.type, enabled=False) if self.fp32 else contextlib.nullcontext()
+
+    def keep_fp32(self) -> CausalVideoDiT:
+        """With model.fp32_modulation: the time embedding, the modulations and the affine norms back to
+        fp32 after a conversion to a half type (Wan's `_keep_in_fp32_modules`); a no-op otherwise."""
+        if not self.fp32:
+            return self
+        half = (torch.bfloat16, torch.float16)
+        params = [*self.time_embed.parameters(), *self.time_proj.parameters(), self.head_modulation]
+        for b in self.blocks:
+            params += [*b.norm_cross.parameters(), b.modulation]
+        with torch.no_grad():
+            for p in params:
+                if p.dtype in half:
+                    p.data = p.data.float()
+        return self
 
     @staticmethod
     def _token_mask(frame_mask: Tensor | None, m: int, n: int, device) -> Tensor | None:

@@ -47,7 +47,7 @@ def build_model(cfg, device: torch.device | str = "cpu", weights: str | Path | N
     model = CausalVideoDiT(cfg.model, cfg.data)
     if weights is not None:
         load_weights(model, weights)
-    model = model.to(device=device, dtype=param_dtype(cfg.model, torch.device(device)))
+    model = model.to(device=device, dtype=param_dtype(cfg.model, torch.device(device))).keep_fp32()
     if cfg.model.compile:
         model.forward = torch.compile(model.forward)
     return model
