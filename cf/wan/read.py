@@ -45,14 +45,18 @@ class WanWeights:
     sources: list[str] = field(default_factory=list)  # what was read, in order (for the run's JSON)
 
     def build(self, data_cfg=None, *, height: int = 60, width: int = 104, frames_per_chunk: int = 3,
-              dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        """A CausalVideoDiT with these weights (frames of `height` x `width` latents)."""
+              dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", text_pad_tokens: int | None = None):
+        """A CausalVideoDiT with these weights (frames of `height` x `width` latents). text_pad_tokens
+        overrides Wan's 512 padded text tokens (shorter is cheaper but no longer Wan's function: tests only)."""
         from types import SimpleNamespace
 
         from cf.config.schema import ModelConfig
         from cf.model import CausalVideoDiT
 
-        m = ModelConfig(**{**model_overrides(self.config), "frames_per_chunk": frames_per_chunk})
+        keys = {**model_overrides(self.config), "frames_per_chunk": frames_per_chunk}
+        if text_pad_tokens is not None:
+            keys["text_pad_tokens"] = text_pad_tokens
+        m = ModelConfig(**keys)
         d = data_cfg if data_cfg is not None else SimpleNamespace(height=height, width=width)
         model = CausalVideoDiT(m, d)
         check_fits(self.state, model, self.sources[-1] if self.sources else "weights",
