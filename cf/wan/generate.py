@@ -1,0 +1,183 @@
+"""`cf generate --model wan`: a long video from real Wan-based weights through cf's one rollout and any memory
+policy, decoded chunk by chunk by the Wan VAE and written to an mp4 as it goes, with its JSON (prompt, seed,
+policy, promotions, timing) beside it, ready for `cf score`.
+
+    run_wan(cfg, weights=DIR, ckpt=FILE, lora=DIR, prompt="...", seconds=60, out=OUT)
+
+Latent frames per second and the frame geometry come from the config (`data.fps` latents per second,
+`data.height` x `data.width` latents: the `wan` preset's 4, 60 x 104 = 16 fps 480 x 832 video); the network
+from the files (cf.wan.read). docs/wan.md.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cf.errors import CfError
+
+# Wan's default negative prompt (its generate.py / WanPipeline examples), in English
+DEFAULT_NEGATIVE = ("Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, "
+                    "images, static, overall gray, worst quality, low quality, JPEG compression residue, ugly, "
+                    "incomplete, extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, "
+                    "misshapen limbs, fused fingers, still picture, messy background, three legs, many people "
+                    "in the background, walking backwards")
+
+
+class Mp4Stream:
+    """An H.264 mp4 written frame by frame (uint8 [T, H, W, 3] batches), atomically on close."""
+
+    def __init__(self, path: Path, fps: int, crf: int = 18):
+        import av
+
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.stem}.partial.mp4")
+        self.container = av.open(str(self.tmp), mode="w", format="mp4")
+        self.fps, self.crf, self.stream, self.frames = fps, crf, None, 0
+
+    def write(self, frames: np.ndarray) -> None:
+        import av
+
+        if self.stream is None:
+            h, w = frames.shape[1:3]
+            self.stream = self.container.add_stream("libx264", rate=self.fps)
+            self.stream.width, self.stream.height = w + w % 2, h + h % 2
+            self.stream.pix_fmt = "yuv420p"
+            self.stream.options = {"crf": str(self.crf), "threads": "1"}
+        if frames.shape[1] % 2 or frames.shape[2] % 2:
+            frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)), mode="edge")
+        for f in frames:
+            for packet in self.stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+                self.container.mux(packet)
+        self.frames += len(frames)
+
+    def close(self) -> Path:
+        if self.stream is not None:
+            for packet in self.stream.encode():
+                self.container.mux(packet)
+        self.container.close()
+        self.tmp.replace(self.path)
+        return self.path
+
+
+def compute_dtype(cfg, device: torch.device) -> torch.dtype:
+    """model.dtype: auto = bf16 on CUDA (weights converted, Wan's fp32 parts kept), fp32 on the CPU."""
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+    if cfg.model.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return table[cfg.model.dtype]
+
+
+def run_wan(cfg, *, weights: str | Path | None, prompt: str, out: str | Path, ckpt: str | Path | None = None,
+            lora: str | Path | None = None, seconds: float | None = None, negative_prompt: str | None = None,
+            guidance: float | None = None, sampler: str = "student", text=None, vae=None, decode: bool = True,
+            heads: int | None = None, callbacks=()) -> dict:
+    """Generate and write `<out>/<stem>.mp4` + `<stem>.json`; returns the JSON's dict.
+
+    text: a callable prompts -> features [B, L, text_dim] (default: UMT5 from --weights); vae: a diffusers
+    AutoencoderKLWan (default: from --weights; decode=False writes latents' first channels instead, for speed
+    runs without a VAE). guidance: None = 1 for the few-step student (Self-Forcing and its descendants
+    distil guidance in), diffusion.cfg_scale for sampler=teacher.
+    """
+    from cf.config import config_hash
+    from cf.diffusion import build_sampler
+    from cf.memory import KVCache, build_policy
+    from cf.model import Cond, attention_kernels
+    from cf.rollout import CacheBytes, ChunkTimer, RolloutCallback, rollout
+    from cf.utils import atomic_write_json, git_sha, pick_device
+    from cf.video import to_uint8
+    from cf.wan.read import read_wan
+
+    t_start = time.perf_counter()
+    seconds = cfg.bench.seconds if seconds is None else seconds
+    if seconds <= 0:
+        raise CfError(f"--seconds {seconds:g} must be positive")
+    device = pick_device(cfg.device)
+    dtype = compute_dtype(cfg, device)
+    chunk = cfg.model.frames_per_chunk
+    w = read_wan(weights, ckpt, lora, heads=heads)
+    model = w.build(cfg.data, frames_per_chunk=chunk, dtype=dtype, device=device).eval()
+    if text is None:
+        from cf.wan.text import UMT5Text
+
+        if weights is None:
+            raise CfError("no text encoder: pass --weights DIR holding text_encoder/ and tokenizer/ (docs/wan.md)")
+        text = UMT5Text.from_folder(weights, device=device, dtype=torch.float32)
+    if guidance is None:
+        guidance = 1.0 if sampler == "student" else float(cfg.diffusion.cfg_scale)
+    negative_prompt = DEFAULT_NEGATIVE if negative_prompt is None else negative_prompt
+    t_text = time.perf_counter()
+    feats = text([prompt]).to(device)
+    null = text([negative_prompt]).to(device) if guidance != 1 else None
+    t_text = time.perf_counter() - t_text
+    cond = Cond(text=feats, null_text=null)
+
+    decoder = None
+    if decode:
+        from cf.wan.vae import StreamDecoder, load_vae
+
+        if vae is None:
+            if weights is None:
+                raise CfError("no VAE: pass --weights DIR holding vae/ (docs/wan.md)")
+            vae = load_vae(weights, device=device, dtype=torch.float32 if dtype == torch.float64 else dtype)
+        decoder = StreamDecoder(vae)
+    n_latents = max(1, int(round(seconds * cfg.data.fps)))
+    n_chunks = -(-n_latents // chunk)
+    video_fps = int(cfg.data.fps * cfg.model.video_frames_per_latent) if decode else int(cfg.data.fps)
+
+    out = Path(out)
+    stem = out / f"wan_{cfg.memory.policy}_seed{cfg.seed}"
+    writer = Mp4Stream(stem.with_suffix(".mp4"), video_fps)
+
+    class Decode(RolloutCallback):
+        """Each chunk's latents decoded (causally, continuing the video) and appended to the mp4."""
+
+        def __init__(self):
+            self.seconds: list[float] = []
+
+        def on_chunk_end(self, j, frames, cache):
+            t0 = time.perf_counter()
+            lat = frames[:1].float() if decoder is None else frames[:1]
+            pix = decoder.decode(lat)[0] if decoder is not None else lat[0, :, :3].clamp(-1, 1)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            writer.write(to_uint8(pix.float().cpu()))
+            self.seconds.append(time.perf_counter() - t0)
+
+    timer, nbytes, dec = ChunkTimer(device), CacheBytes(), Decode()
+    policy = build_policy(cfg.memory, chunk)
+    cache = KVCache(policy)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    try:
+        with torch.no_grad(), attention_kernels(cfg.model):
+            rollout(model, cache, build_sampler(cfg.diffusion, sampler), cond, n_chunks, generator=gen,
+                    guidance=guidance, callbacks=[timer, nbytes, dec, *callbacks])
+        writer.close()
+    except BaseException:
+        writer.container.close()
+        writer.tmp.unlink(missing_ok=True)
+        raise
+    dit_s = sum(timer.latencies)  # the timer ends each chunk before Decode runs: DiT (and cache) only
+    frames = writer.frames
+    meta = {
+        "model": "wan", "prompt": prompt, "negative_prompt": negative_prompt if guidance != 1 else None,
+        "seed": cfg.seed, "sampler": sampler, "guidance": guidance, "policy": cfg.memory.policy,
+        "memory": {k: cfg.memory[k] for k in cfg.memory},
+        "promoted": list(cache.state.promoted) if policy.slow else None,
+        "seconds": seconds, "latent_frames": n_chunks * chunk, "frames": frames, "fps": video_fps,
+        "height": int(cfg.data.height * (decoder.spatial if decoder else 1)),
+        "width": int(cfg.data.width * (decoder.spatial if decoder else 1)),
+        "decoded": decoder is not None, "weights": w.sources, "wan_config": w.config.as_dict(),
+        "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "timing": {"chunk_latency_s": timer.latencies, "decode_s": dec.seconds, "text_s": t_text,
+                   "dit_s": dit_s, "total_s": time.perf_counter() - t_start,
+                   "video_fps_dit": frames / dit_s if dit_s > 0 else None,
+                   "video_fps_with_decode": frames / (dit_s + sum(dec.seconds)) if timer.latencies else None},
+        "kv_bytes": nbytes.nbytes, "config_hash": config_hash(cfg), "git_sha": git_sha(),
+    }
+    atomic_write_json(stem.with_suffix(".json"), meta)
+    return {**meta, "mp4": str(stem.with_suffix(".mp4")), "json": str(stem.with_suffix(".json"))}

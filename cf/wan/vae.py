@@ -1,0 +1,71 @@
+"""The Wan VAE (diffusers `AutoencoderKLWan`) decoding latents chunk by chunk as the rollout makes them.
+
+The decoder is causal in time: each latent frame is decoded with a cache of the previous frames'
+activations (what `AutoencoderKLWan.decode` does over a whole video in one call). `StreamDecoder` keeps
+that cache across calls, so decoding chunk after chunk gives the very frames of one decode of the whole
+video while only one chunk's pixels exist at a time. Latents are in the transformer's (normalised) space;
+they are de-normalised with the VAE config's latents_mean / latents_std first. Frames come out in [-1, 1]:
+1 for the first latent frame, then `temporal_compression` per latent frame (Wan: 4).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from cf.errors import CfError
+
+
+def load_vae(weights: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    try:
+        from diffusers import AutoencoderKLWan
+    except ImportError as e:
+        raise CfError(f"the Wan VAE needs diffusers ({e}); pip install -e .[wan]") from None
+    d = Path(weights)
+    d = d / "vae" if (d / "vae").is_dir() else d
+    if not (d / "config.json").is_file():
+        raise CfError(f"{d} holds no Wan VAE (config.json + diffusion_pytorch_model.safetensors); --weights must be "
+                      f"a diffusers Wan pipeline folder with vae/ (docs/wan.md)")
+    return AutoencoderKLWan.from_pretrained(str(d), local_files_only=True, torch_dtype=dtype).to(device).eval()
+
+
+class StreamDecoder:
+    """decode(latents [B, F, C, h, w]) -> frames [B, T, 3, H, W] in [-1, 1], continuing the video."""
+
+    def __init__(self, vae):
+        from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+        if getattr(vae.config, "patch_size", None):
+            raise CfError("a patchified Wan VAE (Wan2.2's) is not supported; use Wan2.1's VAE")
+        self.vae = vae
+        self.n_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
+        c = vae.config
+        p = next(vae.parameters())
+        self.mean = torch.tensor(c.latents_mean, device=p.device, dtype=p.dtype).view(1, -1, 1, 1, 1)
+        self.std = torch.tensor(c.latents_std, device=p.device, dtype=p.dtype).view(1, -1, 1, 1, 1)
+        self.temporal = 2 ** sum(c.temperal_downsample)
+        self.spatial = 2 ** (len(c.dim_mult) - 1)
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache: list = [None] * self.n_convs
+        self.n = 0  # latent frames decoded so far
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        p = next(self.vae.parameters())
+        z = latents.to(p.device, p.dtype).permute(0, 2, 1, 3, 4)  # [B, C, F, h, w]
+        z = self.vae.post_quant_conv(z * self.std + self.mean)
+        outs = []
+        for i in range(z.shape[2]):
+            idx = [0]
+            outs.append(self.vae.decoder(z[:, :, i:i + 1], feat_cache=self.cache, feat_idx=idx,
+                                         first_chunk=self.n == 0))
+            self.n += 1
+        return outs[0].new_zeros(0) if not outs else torch.cat(outs, 2).clamp(-1, 1).permute(0, 2, 1, 3, 4)
+
+    def frames_for(self, n_latents: int) -> int:
+        """Video frames of the first n_latents latent frames."""
+        return 0 if n_latents <= 0 else 1 + (n_latents - 1) * self.temporal
