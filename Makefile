@@ -34,8 +34,8 @@ $(VENV)/bin/python:
 install: $(VENV)/bin/python  ## create .venv and install the CPU stack (idempotent, no GPU needed)
 	@echo "==> torch pinned to the local CPU wheel (constraints.txt)"
 	$(PIP) install --quiet -c constraints.txt "torch==2.13.0" "torchvision==0.28.0"
-	@echo "==> cf and its dependencies (lightning, torchmetrics, omegaconf, open_clip, lpips, mlflow, ...)"
-	$(PIP) install --quiet -c constraints.txt -e ".[dev,text]"
+	@echo "==> cf and its dependencies (lightning, torchmetrics, omegaconf, open_clip, lpips, mlflow, diffusers, ...)"
+	$(PIP) install --quiet -c constraints.txt -e ".[dev,text,wan]"
 	@echo "==> torchvision on the CPU wheel: declaring its missing op schemas at import (no-op on CUDA)"
 	$(PY) -m cf.compat.torchvision_ops
 	@echo "==> checking the stack imports"

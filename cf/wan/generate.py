@@ -127,7 +127,7 @@ def run_wan(cfg, *, weights: str | Path | None, prompt: str, out: str | Path, ck
         decoder = StreamDecoder(vae)
     n_latents = max(1, int(round(seconds * cfg.data.fps)))
     n_chunks = -(-n_latents // chunk)
-    video_fps = int(cfg.data.fps * cfg.model.video_frames_per_latent) if decode else int(cfg.data.fps)
+    video_fps = int(cfg.data.fps * decoder.temporal) if decoder is not None else int(cfg.data.fps)
 
     out = Path(out)
     stem = out / f"wan_{cfg.memory.policy}_seed{cfg.seed}"

@@ -20,9 +20,9 @@ TINY_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_h
 TINY_UMT5 = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                  relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
                  feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-TINY_VAE = dict(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, attn_scales=[],
-                temperal_downsample=[True], dropout=0.0, latents_mean=[0.1, -0.2, 0.3, 0.0],
-                latents_std=[1.5, 0.8, 1.2, 1.0])  # 2x spatial, 2x temporal (Wan's: 8x, 4x)
+TINY_VAE = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, attn_scales=[],
+                temperal_downsample=[True, True], dropout=0.0, latents_mean=[0.1, -0.2, 0.3, 0.0],
+                latents_std=[1.5, 0.8, 1.2, 1.0])  # 4x spatial, 4x temporal (Wan's: 8x, 4x)
 
 
 def randomize(module: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
