@@ -1,5 +1,6 @@
-"""Text and pixels for Wan, and `cf generate --model wan` end to end on tiny random parts saved in the diffusers
-pipeline layout (transformer, UMT5 + an offline tokenizer, AutoencoderKLWan): an mp4 + JSON that `cf score` reads."""
+"""Text and pixels for Wan, and `cf generate --model wan` end to end on tiny random parts saved in the
+diffusers pipeline layout (transformer, UMT5 + an offline tokenizer, AutoencoderKLWan): an mp4 + JSON that
+`cf score` reads."""
 
 from __future__ import annotations
 
@@ -22,24 +23,37 @@ def pipe_dir(tmp_path_factory):
 
 def test_umt5_features_equal_wan_pipelines(pipe_dir):
     """cf's UMT5 features, zero-padded to 512 as the DiT does, equal WanPipeline.encode_prompt's."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     from cf.wan.text import UMT5Text
 
-    pipe = WanPipeline(tokenizer=AutoTokenizer.from_pretrained(str(pipe_dir / "tokenizer")),
-                       text_encoder=UMT5EncoderModel.from_pretrained(str(pipe_dir / "text_encoder")),
-                       transformer=WanTransformer3DModel.from_pretrained(str(pipe_dir / "transformer")),
-                       vae=AutoencoderKLWan.from_pretrained(str(pipe_dir / "vae")),
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
+    pipe = WanPipeline(
+        tokenizer=AutoTokenizer.from_pretrained(str(pipe_dir / "tokenizer")),
+        text_encoder=UMT5EncoderModel.from_pretrained(str(pipe_dir / "text_encoder")),
+        transformer=WanTransformer3DModel.from_pretrained(str(pipe_dir / "transformer")),
+        vae=AutoencoderKLWan.from_pretrained(str(pipe_dir / "vae")),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+    )
     prompts = ["a red house by the sea", "a dog  walks on the road at night"]
     with torch.no_grad():
-        want, want_neg = pipe.encode_prompt(prompts, negative_prompt=["low quality"] * 2,
-                                            do_classifier_free_guidance=True, max_sequence_length=512)
+        want, want_neg = pipe.encode_prompt(
+            prompts,
+            negative_prompt=["low quality"] * 2,
+            do_classifier_free_guidance=True,
+            max_sequence_length=512,
+        )
     enc = UMT5Text.from_folder(pipe_dir)
     got = enc(prompts)
     pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, 512 - t.shape[1]))  # noqa: E731
-    assert (pad(got) - want).abs().max() <= 1e-6 and (pad(enc(["low quality"] * 2)) - want_neg).abs().max() <= 1e-6
+    assert (pad(got) - want).abs().max() <= 1e-6 and (
+        pad(enc(["low quality"] * 2)) - want_neg
+    ).abs().max() <= 1e-6
     assert got[1, 6:].abs().max() > 0 and got[0, 7:].abs().max() == 0  # rows cut to their own tokens
 
 
@@ -49,7 +63,7 @@ def test_stream_decoder_equals_one_decode_of_the_whole_video(pipe_dir):
     vae = load_vae(pipe_dir)
     z = torch.randn(1, 7, 4, 4, 6, generator=torch.Generator().manual_seed(0))
     dec = StreamDecoder(vae)
-    streamed = torch.cat([dec.decode(z[:, i:i + 3]) for i in range(0, 7, 3)], dim=1)
+    streamed = torch.cat([dec.decode(z[:, i : i + 3]) for i in range(0, 7, 3)], dim=1)
     mean = torch.tensor(vae.config.latents_mean).view(1, 1, -1, 1, 1)
     std = torch.tensor(vae.config.latents_std).view(1, 1, -1, 1, 1)
     with torch.no_grad():
@@ -59,9 +73,25 @@ def test_stream_decoder_equals_one_decode_of_the_whole_video(pipe_dir):
 
 
 def _generate(pipe_dir, out, *extra):
-    argv = ["generate", "--model", "wan", "--weights", str(pipe_dir), "--prompt", "a red house by the sea",
-            "--memory", "slowfast", "--seconds", "3", "--out", str(out), "data.height=4", "data.width=6",
-            "device=cpu", *extra]
+    argv = [
+        "generate",
+        "--model",
+        "wan",
+        "--weights",
+        str(pipe_dir),
+        "--prompt",
+        "a red house by the sea",
+        "--memory",
+        "slowfast",
+        "--seconds",
+        "3",
+        "--out",
+        str(out),
+        "data.height=4",
+        "data.width=6",
+        "device=cpu",
+        *extra,
+    ]
     return main(argv)
 
 
@@ -76,8 +106,17 @@ def test_cf_generate_model_wan_end_to_end_then_cf_score(pipe_dir, tmp_path, caps
     assert meta["frames"] == 1 + 4 * (meta["latent_frames"] - 1) and meta["fps"] == 16
     assert meta["promoted"] is not None and meta["timing"]["dit_s"] > 0 and meta["negative_prompt"]
     capsys.readouterr()
-    rc = main(["score", str(tmp_path / "wan_slowfast_seed0.mp4"), "--preset", "smoke", "--backbone", "pixels",
-               "--json"])
+    rc = main(
+        [
+            "score",
+            str(tmp_path / "wan_slowfast_seed0.mp4"),
+            "--preset",
+            "smoke",
+            "--backbone",
+            "pixels",
+            "--json",
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     assert rc == 0 and not report["errors"]
     (video,) = report["videos"]
@@ -90,8 +129,16 @@ def test_run_wan_writes_video_and_json_with_a_pluggable_text_encoder(pipe_dir, t
     from cf.config import load_config
     from cf.wan.generate import run_wan
 
-    cfg = load_config("wan", overrides=["data.height=4", "data.width=6", "device=cpu", "memory.policy=sink",
-                                        "memory.bounded_positions=false"])
+    cfg = load_config(
+        "wan",
+        overrides=[
+            "data.height=4",
+            "data.width=6",
+            "device=cpu",
+            "memory.policy=sink",
+            "memory.bounded_positions=false",
+        ],
+    )
     calls = []
 
     def text(prompts):

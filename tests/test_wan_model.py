@@ -1,6 +1,6 @@
 """Wan2.1 in cf's network: a converted tiny random WanTransformer3DModel computes diffusers' function, from
-every layout the readers accept (diffusers folder, original naming, Self-Forcing's generator dicts, peft LoRA),
-and the cached rollout through it equals the block-causal forward."""
+every layout the readers accept (diffusers folder, original naming, Self-Forcing's generator dicts, peft
+LoRA), and a mismatched file is refused naming the file, its first mismatched tensors and the fix."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("diffusers", reason="the wan extra is not installed (pip install -e .[wan]): "
-                                        "diffusers builds the reference Wan transformer")
+pytest.importorskip(
+    "diffusers",
+    reason="the wan extra is not installed (pip install -e .[wan]): "
+    "diffusers builds the reference Wan transformer",
+)
 
 from cf.errors import CfError  # noqa: E402
 from cf.model import Cond, block_causal_mask  # noqa: E402
@@ -95,7 +98,13 @@ def test_converted_forward_equals_diffusers(ref, diffusers_dir, causal):
 
 def test_config_is_read_from_the_files(diffusers_dir):
     w = read_wan(diffusers_dir)
-    assert (w.config.dim, w.config.heads, w.config.layers, w.config.freq_dim, w.config.text_dim) == (32, 2, 2, 24, 32)
+    assert (w.config.dim, w.config.heads, w.config.layers, w.config.freq_dim, w.config.text_dim) == (
+        32,
+        2,
+        2,
+        24,
+        32,
+    )
     assert w.config.in_channels == 4 and w.config.patch == (1, 2, 2)
     model = w.build(height=H, width=W)
     assert model.cfg.qk_norm_across_heads and not model.cfg.null_token and model.null_token is None
@@ -105,18 +114,33 @@ def test_config_is_read_from_the_files(diffusers_dir):
 
 def to_original(state: dict) -> dict:
     """diffusers names -> Wan's own (the inverse table, written independently of cf.wan.convert)."""
-    top = {"condition_embedder.text_embedder.linear_1": "text_embedding.0",
-           "condition_embedder.text_embedder.linear_2": "text_embedding.2",
-           "condition_embedder.time_embedder.linear_1": "time_embedding.0",
-           "condition_embedder.time_embedder.linear_2": "time_embedding.2",
-           "condition_embedder.time_proj": "time_projection.1", "proj_out": "head.head",
-           "scale_shift_table": "head.modulation"}
-    blk = {"attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
-           "attn1.to_out.0": "self_attn.o", "attn1.norm_q": "self_attn.norm_q", "attn1.norm_k": "self_attn.norm_k",
-           "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k", "attn2.to_v": "cross_attn.v",
-           "attn2.to_out.0": "cross_attn.o", "attn2.norm_q": "cross_attn.norm_q",
-           "attn2.norm_k": "cross_attn.norm_k", "norm2": "norm3", "ffn.net.0.proj": "ffn.0",
-           "ffn.net.2": "ffn.2", "scale_shift_table": "modulation"}
+    top = {
+        "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+        "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+        "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+        "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+        "condition_embedder.time_proj": "time_projection.1",
+        "proj_out": "head.head",
+        "scale_shift_table": "head.modulation",
+    }
+    blk = {
+        "attn1.to_q": "self_attn.q",
+        "attn1.to_k": "self_attn.k",
+        "attn1.to_v": "self_attn.v",
+        "attn1.to_out.0": "self_attn.o",
+        "attn1.norm_q": "self_attn.norm_q",
+        "attn1.norm_k": "self_attn.norm_k",
+        "attn2.to_q": "cross_attn.q",
+        "attn2.to_k": "cross_attn.k",
+        "attn2.to_v": "cross_attn.v",
+        "attn2.to_out.0": "cross_attn.o",
+        "attn2.norm_q": "cross_attn.norm_q",
+        "attn2.norm_k": "cross_attn.norm_k",
+        "norm2": "norm3",
+        "ffn.net.0.proj": "ffn.0",
+        "ffn.net.2": "ffn.2",
+        "scale_shift_table": "modulation",
+    }
     out = {}
     for k, v in state.items():
         name = k
@@ -124,12 +148,12 @@ def to_original(state: dict) -> dict:
             i, rest = k.split(".", 2)[1:]
             for a, b in blk.items():
                 if rest.startswith(a + ".") or rest == a:
-                    name = f"blocks.{i}.{b}{rest[len(a):]}"
+                    name = f"blocks.{i}.{b}{rest[len(a) :]}"
                     break
         else:
             for a, b in top.items():
                 if k.startswith(a + ".") or k == a:
-                    name = b + k[len(a):]
+                    name = b + k[len(a) :]
                     break
         out[name] = v.clone()
     return out
@@ -142,13 +166,20 @@ def test_self_forcing_generator_dict_loads_equal(ref, diffusers_dir, tmp_path):
     assert naming(orig) == "original"
     noise = {k: v + 1.0 for k, v in orig.items()}  # a different 'generator': must not be the one read
     path = tmp_path / "self_forcing.pt"
-    torch.save({"generator": {f"model.{k}": v for k, v in noise.items()},
-                "generator_ema": {f"model._orig_mod.{k}": v for k, v in orig.items()}}, path)
+    torch.save(
+        {
+            "generator": {f"model.{k}": v for k, v in noise.items()},
+            "generator_ema": {f"model._orig_mod.{k}": v for k, v in orig.items()},
+        },
+        path,
+    )
     x, t, text = inputs(1)
     want = cf_forward(read_wan(diffusers_dir).build(height=H, width=W), x, t, text)
     # with the base folder's config, and alone (architecture from the shapes, heads given)
-    for model in (read_wan(diffusers_dir, ckpt=path).build(height=H, width=W),
-                  read_wan(ckpt=path, heads=2).build(height=H, width=W)):
+    for model in (
+        read_wan(diffusers_dir, ckpt=path).build(height=H, width=W),
+        read_wan(ckpt=path, heads=2).build(height=H, width=W),
+    ):
         assert (cf_forward(model, x, t, text) - want).abs().max() == 0
 
 
@@ -157,10 +188,24 @@ def test_original_release_folder_loads_equal(ref, diffusers_dir, tmp_path):
     from safetensors.torch import save_file
 
     c = TINY_TRANSFORMER
-    (tmp_path / "config.json").write_text(json.dumps({
-        "_class_name": "WanModel", "model_type": "t2v", "dim": 32, "num_heads": 2, "ffn_dim": c["ffn_dim"],
-        "freq_dim": c["freq_dim"], "in_dim": 4, "out_dim": 4, "num_layers": 2, "text_len": 512,
-        "text_dim": c["text_dim"], "eps": 1e-6}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "WanModel",
+                "model_type": "t2v",
+                "dim": 32,
+                "num_heads": 2,
+                "ffn_dim": c["ffn_dim"],
+                "freq_dim": c["freq_dim"],
+                "in_dim": 4,
+                "out_dim": 4,
+                "num_layers": 2,
+                "text_len": 512,
+                "text_dim": c["text_dim"],
+                "eps": 1e-6,
+            }
+        )
+    )
     save_file(to_original(ref.state_dict()), str(tmp_path / "diffusion_pytorch_model.safetensors"))
     x, t, text = inputs(2)
     want = diffusers_forward(ref, x, t, text)
@@ -171,8 +216,12 @@ def test_original_release_folder_loads_equal(ref, diffusers_dir, tmp_path):
 def test_peft_lora_merged_at_load_equals_peft_merged(ref, diffusers_dir, tmp_path):
     peft = pytest.importorskip("peft", reason="peft is in the wan extra")
     base = tiny_transformer(seed=0)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj"],
-                          alpha_pattern={"ffn.net.0.proj": 2})
+    cfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj"],
+        alpha_pattern={"ffn.net.0.proj": 2},
+    )
     lora = peft.get_peft_model(base, cfg)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -218,7 +267,12 @@ def test_native_defaults_are_unchanged():
     cfg = load_config("smoke")
     m = cfg.model
     assert (m.qk_norm_across_heads, m.freq_dim, m.null_token, m.text_pad_tokens, m.fp32_modulation) == (
-        False, None, True, 0, False)
+        False,
+        None,
+        True,
+        0,
+        False,
+    )
     model = CausalVideoDiT(m, cfg.data)
     assert model.null_token is not None and model.time_embed[0].in_features == m.dim
     assert model.blocks[0].attn.norm_q.weight.shape == (m.dim // m.heads,)

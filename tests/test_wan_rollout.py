@@ -34,22 +34,35 @@ def folder(tmp_path_factory):
 
 
 def setup(folder, policy="full", **overrides):
-    cfg = load_config("wan", overrides=[f"memory.policy={policy}",
-                                        *(f"{k}={v}" for k, v in overrides.items())])
+    cfg = load_config(
+        "wan", overrides=[f"memory.policy={policy}", *(f"{k}={v}" for k, v in overrides.items())]
+    )
     # 16 padded text tokens instead of Wan's 512: the same code path, cheaper (the equality with diffusers
     # at 512 is test_wan_model's)
-    model = read_wan(folder).build(height=H, width=W, frames_per_chunk=CHUNK, dtype=torch.float64,
-                                   text_pad_tokens=16).eval()
+    model = (
+        read_wan(folder)
+        .build(height=H, width=W, frames_per_chunk=CHUNK, dtype=torch.float64, text_pad_tokens=16)
+        .eval()
+    )
     g = torch.Generator().manual_seed(0)
-    cond = Cond(text=torch.randn(1, 5, 32, generator=g, dtype=torch.float64),
-                null_text=torch.randn(1, 3, 32, generator=g, dtype=torch.float64))
+    cond = Cond(
+        text=torch.randn(1, 5, 32, generator=g, dtype=torch.float64),
+        null_text=torch.randn(1, 3, 32, generator=g, dtype=torch.float64),
+    )
     return cfg, model, cond
 
 
 def run(cfg, model, cond, n_chunks=N_CHUNKS, **kw):
     cache = KVCache(build_policy(cfg.memory, CHUNK))
-    res = rollout(model, cache, build_sampler(cfg.diffusion, "student"), cond, n_chunks,
-                  generator=torch.Generator().manual_seed(0), **kw)
+    res = rollout(
+        model,
+        cache,
+        build_sampler(cfg.diffusion, "student"),
+        cond,
+        n_chunks,
+        generator=torch.Generator().manual_seed(0),
+        **kw,
+    )
     return res, cache
 
 
@@ -68,7 +81,9 @@ def test_cached_rollout_equals_the_block_causal_forward(folder):
         res, cache = run(cfg, model, cond, callbacks=[steps])
         video = res.video
         b, f = video.shape[:2]
-        whole = encode_clean(model, video, cond, time_pos=torch.arange(f), frame_mask=block_causal_mask(f, CHUNK))
+        whole = encode_clean(
+            model, video, cond, time_pos=torch.arange(f), frame_mask=block_causal_mask(f, CHUNK)
+        )
     r = cache.read()
     order = torch.argsort(r.times)
     for (k_ref, v_ref), k, v in zip(whole.kv, r.k, r.v):
@@ -84,9 +99,15 @@ def test_cached_rollout_equals_the_block_causal_forward(folder):
         sig = torch.full((b, 2 * f), steps.sigma[0, i], dtype=torch.float64)
         sig[:, :f] = 0
         with torch.no_grad():
-            out = denoise(model, torch.cat([video, x_noisy], dim=1), sig, cond,
-                          num_timesteps=cfg.diffusion.num_timesteps, time_pos=torch.arange(f).repeat(2),
-                          frame_mask=mask)
+            out = denoise(
+                model,
+                torch.cat([video, x_noisy], dim=1),
+                sig,
+                cond,
+                num_timesteps=cfg.diffusion.num_timesteps,
+                time_pos=torch.arange(f).repeat(2),
+                frame_mask=mask,
+            )
         x0 = to_x0(out.pred[:, f:], x_noisy, sig[:, f:], model.prediction)
         ref = torch.cat([steps.x0[j, i] for j in range(N_CHUNKS)], dim=1)
         worst = max(worst, (x0 - ref).abs().max().item())
@@ -97,7 +118,9 @@ def test_cached_rollout_equals_the_block_causal_forward(folder):
 def test_self_forcing_window_reads_absolute_positions(folder):
     """Self-Forcing's released inference: the last `local_attn_size` frames (current chunk included), keys
     at the absolute frame index they were written at = sliding + memory.bounded_positions=false."""
-    cfg, model, cond = setup(folder, "sliding", **{"memory.window_frames": 6, "memory.bounded_positions": False})
+    cfg, model, cond = setup(
+        folder, "sliding", **{"memory.window_frames": 6, "memory.bounded_positions": False}
+    )
     with torch.no_grad():
         _, cache = run(cfg, model, cond, n_chunks=5)
     r = cache.read()
@@ -105,12 +128,19 @@ def test_self_forcing_window_reads_absolute_positions(folder):
     assert sorted(r.times.tolist()) == [12, 13, 14] and sorted(r.positions.tolist()) == [12, 13, 14]
     assert r.query_positions.tolist() == [15, 16, 17]
     # LongLive: a frame sink of 3 + a window, absolute positions
-    cfg, model, cond = setup(folder, "sink", **{"memory.sink_frames": 3, "memory.window_frames": 6,
-                                                "memory.bounded_positions": False})
+    cfg, model, cond = setup(
+        folder,
+        "sink",
+        **{"memory.sink_frames": 3, "memory.window_frames": 6, "memory.bounded_positions": False},
+    )
     with torch.no_grad():
         _, cache = run(cfg, model, cond, n_chunks=5)
     r = cache.read()
-    assert sorted(r.positions.tolist()) == [0, 1, 2, 12, 13, 14] and r.query_positions.tolist() == [15, 16, 17]
+    assert sorted(r.positions.tolist()) == [0, 1, 2, 12, 13, 14] and r.query_positions.tolist() == [
+        15,
+        16,
+        17,
+    ]
 
 
 def test_the_unconditional_branch_is_the_negative_prompt(folder):
@@ -131,9 +161,15 @@ def test_bf16_keeps_wan_fp32_parts(folder):
     them), the cache holds bf16, and the output is close to fp32's."""
     cfg, model32, cond = setup(folder, "full")
     model32 = model32.float()
-    model16 = read_wan(folder).build(height=H, width=W, frames_per_chunk=CHUNK, dtype=torch.bfloat16,
-                                     text_pad_tokens=16).eval()
-    assert model16.time_embed[0].weight.dtype == torch.float32 and model16.blocks[0].modulation.dtype == torch.float32
+    model16 = (
+        read_wan(folder)
+        .build(height=H, width=W, frames_per_chunk=CHUNK, dtype=torch.bfloat16, text_pad_tokens=16)
+        .eval()
+    )
+    assert (
+        model16.time_embed[0].weight.dtype == torch.float32
+        and model16.blocks[0].modulation.dtype == torch.float32
+    )
     assert model16.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
     c = Cond(text=cond.text.float())
     x = torch.randn(1, CHUNK, 4, H, W, generator=torch.Generator().manual_seed(1))

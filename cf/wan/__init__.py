@@ -1,7 +1,7 @@
 """Real Wan2.1 models (Self-Forcing, LongLive, Context Forcing and Wan's own checkpoints) in cf's one rollout.
 
     from cf.wan import read_wan
-    weights = read_wan("Wan2.1-T2V-1.3B-Diffusers", ckpt="self_forcing_dmd.pt")   # architecture from the files
+    weights = read_wan("Wan2.1-T2V-1.3B-Diffusers", ckpt="self_forcing_dmd.pt")  # config from the files
     model = weights.build(height=60, width=104)                                   # a CausalVideoDiT
 
 `convert` holds the naming and the tensor changes (original Wan / diffusers -> cf), `read` the readers of

@@ -6,9 +6,9 @@ into cf's:
     original Wan (Wan's own release, Self-Forcing / Context Forcing `generator(_ema)`, LongLive):
         blocks.0.self_attn.q.weight, blocks.0.norm3.weight, head.head.weight, time_projection.1.weight
     diffusers:
-        blocks.0.attn1.to_q.weight,  blocks.0.norm2.weight, proj_out.weight,  condition_embedder.time_proj.weight
+        blocks.0.attn1.to_q.weight, blocks.0.norm2.weight, proj_out.weight, condition_embedder.time_proj.*
     cf:
-        blocks.0.attn.qkv.weight (q, k, v stacked), blocks.0.norm_cross.weight, head.weight, time_proj.1.weight
+        blocks.0.attn.qkv.weight (q, k, v stacked), blocks.0.norm_cross.weight, head.weight, time_proj.1.*
 
 What changes besides names: q/k/v (and the cross-attention's k/v) are stacked into one matrix, the
 Conv3d patch embedding (kernel 1 x p x p) becomes a Linear over (c, p, q), the head's output rows are
@@ -29,18 +29,36 @@ from cf.errors import CfError
 
 # prefixes training frameworks put before the network's own names (Self-Forcing's wrapper `model.`,
 # torch.compile's `_orig_mod.`, FSDP, DDP, peft)
-WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_orig_mod.", "module.", "model.", "diffusion_model.",
-                    "base_model.model.", "transformer.")
+WRAPPER_PREFIXES = (
+    "_fsdp_wrapped_module.",
+    "_orig_mod.",
+    "module.",
+    "model.",
+    "diffusion_model.",
+    "base_model.model.",
+    "transformer.",
+)
 # dict keys under which Self-Forcing-style checkpoints hold generators, best first
 GENERATOR_KEYS = ("generator_ema", "generator", "model", "state_dict")
 
 # original Wan naming -> diffusers naming (module paths, without .weight / .bias)
 _ORIG_BLOCK = {
-    "self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
-    "self_attn.o": "attn1.to_out.0", "self_attn.norm_q": "attn1.norm_q", "self_attn.norm_k": "attn1.norm_k",
-    "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k", "cross_attn.v": "attn2.to_v",
-    "cross_attn.o": "attn2.to_out.0", "cross_attn.norm_q": "attn2.norm_q", "cross_attn.norm_k": "attn2.norm_k",
-    "norm3": "norm2", "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2", "modulation": "scale_shift_table",
+    "self_attn.q": "attn1.to_q",
+    "self_attn.k": "attn1.to_k",
+    "self_attn.v": "attn1.to_v",
+    "self_attn.o": "attn1.to_out.0",
+    "self_attn.norm_q": "attn1.norm_q",
+    "self_attn.norm_k": "attn1.norm_k",
+    "cross_attn.q": "attn2.to_q",
+    "cross_attn.k": "attn2.to_k",
+    "cross_attn.v": "attn2.to_v",
+    "cross_attn.o": "attn2.to_out.0",
+    "cross_attn.norm_q": "attn2.norm_q",
+    "cross_attn.norm_k": "attn2.norm_k",
+    "norm3": "norm2",
+    "ffn.0": "ffn.net.0.proj",
+    "ffn.2": "ffn.net.2",
+    "modulation": "scale_shift_table",
 }
 _ORIG_TOP = {
     "patch_embedding": "patch_embedding",
@@ -49,7 +67,8 @@ _ORIG_TOP = {
     "time_embedding.0": "condition_embedder.time_embedder.linear_1",
     "time_embedding.2": "condition_embedder.time_embedder.linear_2",
     "time_projection.1": "condition_embedder.time_proj",
-    "head.head": "proj_out", "head.modulation": "scale_shift_table",
+    "head.head": "proj_out",
+    "head.modulation": "scale_shift_table",
 }
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
@@ -75,27 +94,51 @@ class WanConfig:
     @classmethod
     def from_json(cls, d: dict, source: str = "config.json") -> WanConfig:
         """From a diffusers `WanTransformer3DModel` config or Wan's own `WanModel` config.json."""
-        if d.get("image_dim") or d.get("added_kv_proj_dim") or d.get("model_type") in ("i2v", "flf2v", "vace"):
-            raise CfError(f"{source} describes an image-conditioned Wan (I2V/FLF2V/VACE); cf runs the text-to-"
-                          f"video transformer only: pass the T2V model's folder")
+        if (
+            d.get("image_dim")
+            or d.get("added_kv_proj_dim")
+            or d.get("model_type") in ("i2v", "flf2v", "vace")
+        ):
+            raise CfError(
+                f"{source} describes an image-conditioned Wan (I2V/FLF2V/VACE); cf runs the text-to-"
+                f"video transformer only: pass the T2V model's folder"
+            )
         if "num_attention_heads" in d:  # diffusers
             heads = int(d["num_attention_heads"])
-            return cls(dim=heads * int(d["attention_head_dim"]), heads=heads, ffn_dim=int(d["ffn_dim"]),
-                       freq_dim=int(d.get("freq_dim", 256)), text_dim=int(d.get("text_dim", 4096)),
-                       in_channels=int(d["in_channels"]), out_channels=int(d.get("out_channels") or d["in_channels"]),
-                       layers=int(d["num_layers"]), patch=tuple(d.get("patch_size", (1, 2, 2))),
-                       eps=float(d.get("eps", 1e-6)), qk_norm=d.get("qk_norm", "rms_norm_across_heads"),
-                       cross_attn_norm=bool(d.get("cross_attn_norm", True)))
+            return cls(
+                dim=heads * int(d["attention_head_dim"]),
+                heads=heads,
+                ffn_dim=int(d["ffn_dim"]),
+                freq_dim=int(d.get("freq_dim", 256)),
+                text_dim=int(d.get("text_dim", 4096)),
+                in_channels=int(d["in_channels"]),
+                out_channels=int(d.get("out_channels") or d["in_channels"]),
+                layers=int(d["num_layers"]),
+                patch=tuple(d.get("patch_size", (1, 2, 2))),
+                eps=float(d.get("eps", 1e-6)),
+                qk_norm=d.get("qk_norm", "rms_norm_across_heads"),
+                cross_attn_norm=bool(d.get("cross_attn_norm", True)),
+            )
         if "num_heads" in d:  # Wan's own release
-            return cls(dim=int(d["dim"]), heads=int(d["num_heads"]), ffn_dim=int(d["ffn_dim"]),
-                       freq_dim=int(d.get("freq_dim", 256)), text_dim=int(d.get("text_dim", 4096)),
-                       in_channels=int(d["in_dim"]), out_channels=int(d.get("out_dim", d["in_dim"])),
-                       layers=int(d["num_layers"]), patch=tuple(d.get("patch_size", (1, 2, 2))),
-                       eps=float(d.get("eps", 1e-6)),
-                       qk_norm="rms_norm_across_heads" if d.get("qk_norm", True) else None,
-                       cross_attn_norm=bool(d.get("cross_attn_norm", True)), text_len=int(d.get("text_len", 512)))
-        raise CfError(f"{source} is not a Wan transformer config (no num_attention_heads / num_heads); "
-                      f"pass the folder of a Wan2.1 T2V transformer (diffusers or Wan's own release)")
+            return cls(
+                dim=int(d["dim"]),
+                heads=int(d["num_heads"]),
+                ffn_dim=int(d["ffn_dim"]),
+                freq_dim=int(d.get("freq_dim", 256)),
+                text_dim=int(d.get("text_dim", 4096)),
+                in_channels=int(d["in_dim"]),
+                out_channels=int(d.get("out_dim", d["in_dim"])),
+                layers=int(d["num_layers"]),
+                patch=tuple(d.get("patch_size", (1, 2, 2))),
+                eps=float(d.get("eps", 1e-6)),
+                qk_norm="rms_norm_across_heads" if d.get("qk_norm", True) else None,
+                cross_attn_norm=bool(d.get("cross_attn_norm", True)),
+                text_len=int(d.get("text_len", 512)),
+            )
+        raise CfError(
+            f"{source} is not a Wan transformer config (no num_attention_heads / num_heads); "
+            f"pass the folder of a Wan2.1 T2V transformer (diffusers or Wan's own release)"
+        )
 
     @classmethod
     def from_state(cls, state: dict[str, Tensor], heads: int | None = None) -> WanConfig:
@@ -107,18 +150,27 @@ class WanConfig:
         patch = tuple(pe.shape[2:])
         out = state["proj_out.weight"].shape[0] // math.prod(patch)
         heads = heads or max(1, dim // 128)
-        return cls(dim=dim, heads=heads, ffn_dim=state["blocks.0.ffn.net.0.proj.weight"].shape[0],
-                   freq_dim=state["condition_embedder.time_embedder.linear_1.weight"].shape[1],
-                   text_dim=state["condition_embedder.text_embedder.linear_1.weight"].shape[1],
-                   in_channels=pe.shape[1], out_channels=out, layers=layers, patch=patch,
-                   qk_norm="rms_norm_across_heads" if "blocks.0.attn1.norm_q.weight" in state else None,
-                   cross_attn_norm="blocks.0.norm2.weight" in state)
+        return cls(
+            dim=dim,
+            heads=heads,
+            ffn_dim=state["blocks.0.ffn.net.0.proj.weight"].shape[0],
+            freq_dim=state["condition_embedder.time_embedder.linear_1.weight"].shape[1],
+            text_dim=state["condition_embedder.text_embedder.linear_1.weight"].shape[1],
+            in_channels=pe.shape[1],
+            out_channels=out,
+            layers=layers,
+            patch=patch,
+            qk_norm="rms_norm_across_heads" if "blocks.0.attn1.norm_q.weight" in state else None,
+            cross_attn_norm="blocks.0.norm2.weight" in state,
+        )
 
     def check(self, source: str) -> None:
         """Refuse what cf's network cannot express, naming the key and why."""
         if self.patch[0] != 1 or self.patch[1] != self.patch[2]:
-            raise CfError(f"{source}: patch_size {list(self.patch)} is not (1, p, p); cf's DiT patches one "
-                          f"latent frame at a time with square patches")
+            raise CfError(
+                f"{source}: patch_size {list(self.patch)} is not (1, p, p); cf's DiT patches one "
+                f"latent frame at a time with square patches"
+            )
         if self.in_channels != self.out_channels:
             raise CfError(f"{source}: in_channels {self.in_channels} != out_channels {self.out_channels}")
         if self.qk_norm not in ("rms_norm_across_heads", None):
@@ -135,12 +187,27 @@ class WanConfig:
 def model_overrides(wc: WanConfig) -> dict:
     """The model.* keys that make cf's CausalVideoDiT compute Wan's function."""
     return {
-        "channels": wc.in_channels, "patch_size": wc.patch[1], "dim": wc.dim, "depth": wc.layers,
-        "heads": wc.heads, "ffn_dim": wc.ffn_dim, "text_dim": wc.text_dim, "freq_dim": wc.freq_dim,
-        "qk_norm": wc.qk_norm is not None, "qk_norm_across_heads": True, "null_token": False,
-        "text_pad_tokens": wc.text_len, "fp32_modulation": True, "text_encoder": "none", "camera": False,
-        "positions": "frame", "position_scale": 1.0, "prediction": "velocity", "precondition": "none",
-        "rope_theta": 10000.0, "video_frames_per_latent": 4,
+        "channels": wc.in_channels,
+        "patch_size": wc.patch[1],
+        "dim": wc.dim,
+        "depth": wc.layers,
+        "heads": wc.heads,
+        "ffn_dim": wc.ffn_dim,
+        "text_dim": wc.text_dim,
+        "freq_dim": wc.freq_dim,
+        "qk_norm": wc.qk_norm is not None,
+        "qk_norm_across_heads": True,
+        "null_token": False,
+        "text_pad_tokens": wc.text_len,
+        "fp32_modulation": True,
+        "text_encoder": "none",
+        "camera": False,
+        "positions": "frame",
+        "position_scale": 1.0,
+        "prediction": "velocity",
+        "precondition": "none",
+        "rope_theta": 10000.0,
+        "video_frames_per_latent": 4,
     }
 
 
@@ -152,7 +219,7 @@ def strip_wrappers(state: dict[str, Tensor]) -> dict[str, Tensor]:
         changed = False
         for p in WRAPPER_PREFIXES:
             if all(k.startswith(p) for k in state):
-                state = {k[len(p):]: v for k, v in state.items()}
+                state = {k[len(p) :]: v for k, v in state.items()}
                 changed = True
     return state
 
@@ -174,11 +241,11 @@ def original_module_to_diffusers(name: str) -> str:
         rest = m.group(2)
         for a, b in _ORIG_BLOCK.items():
             if rest == a or rest.startswith(a + "."):
-                return f"blocks.{m.group(1)}.{b}{rest[len(a):]}"
+                return f"blocks.{m.group(1)}.{b}{rest[len(a) :]}"
         return name
     for a, b in _ORIG_TOP.items():
         if name == a or name.startswith(a + "."):
-            return b + name[len(a):]
+            return b + name[len(a) :]
     return name
 
 
@@ -257,8 +324,11 @@ def check_fits(state: dict[str, Tensor], model: torch.nn.Module, source: str, fi
     want = model.state_dict()
     missing = [k for k in want if k not in state]
     unexpected = [k for k in state if k not in want]
-    shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(want[k].shape)})"
-              for k in want if k in state and state[k].shape != want[k].shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} (expected {tuple(want[k].shape)})"
+        for k in want
+        if k in state and state[k].shape != want[k].shape
+    ]
     if not (missing or unexpected or shapes):
         return
     parts = []

@@ -20,11 +20,13 @@ import torch
 from cf.errors import CfError
 
 # Wan's default negative prompt (its generate.py / WanPipeline examples), in English
-DEFAULT_NEGATIVE = ("Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, "
-                    "images, static, overall gray, worst quality, low quality, JPEG compression residue, ugly, "
-                    "incomplete, extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, "
-                    "misshapen limbs, fused fingers, still picture, messy background, three legs, many people "
-                    "in the background, walking backwards")
+DEFAULT_NEGATIVE = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, "
+    "images, static, overall gray, worst quality, low quality, JPEG compression residue, ugly, "
+    "incomplete, extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, "
+    "misshapen limbs, fused fingers, still picture, messy background, three legs, many people "
+    "in the background, walking backwards"
+)
 
 
 class Mp4Stream:
@@ -49,9 +51,13 @@ class Mp4Stream:
             self.stream.pix_fmt = "yuv420p"
             self.stream.options = {"crf": str(self.crf), "threads": "1"}
         if frames.shape[1] % 2 or frames.shape[2] % 2:
-            frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)), mode="edge")
+            frames = np.pad(
+                frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)), mode="edge"
+            )
         for f in frames:
-            for packet in self.stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+            for packet in self.stream.encode(
+                av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
+            ):
                 self.container.mux(packet)
         self.frames += len(frames)
 
@@ -72,10 +78,24 @@ def compute_dtype(cfg, device: torch.device) -> torch.dtype:
     return table[cfg.model.dtype]
 
 
-def run_wan(cfg, *, weights: str | Path | None, prompt: str, out: str | Path, ckpt: str | Path | None = None,
-            lora: str | Path | None = None, seconds: float | None = None, negative_prompt: str | None = None,
-            guidance: float | None = None, sampler: str = "student", text=None, vae=None, decode: bool = True,
-            heads: int | None = None, callbacks=()) -> dict:
+def run_wan(
+    cfg,
+    *,
+    weights: str | Path | None,
+    prompt: str,
+    out: str | Path,
+    ckpt: str | Path | None = None,
+    lora: str | Path | None = None,
+    seconds: float | None = None,
+    negative_prompt: str | None = None,
+    guidance: float | None = None,
+    sampler: str = "student",
+    text=None,
+    vae=None,
+    decode: bool = True,
+    heads: int | None = None,
+    callbacks=(),
+) -> dict:
     """Generate and write `<out>/<stem>.mp4` + `<stem>.json`; returns the JSON's dict.
 
     text: a callable prompts -> features [B, L, text_dim] (default: UMT5 from --weights); vae: a diffusers
@@ -105,7 +125,9 @@ def run_wan(cfg, *, weights: str | Path | None, prompt: str, out: str | Path, ck
         from cf.wan.text import UMT5Text
 
         if weights is None:
-            raise CfError("no text encoder: pass --weights DIR holding text_encoder/ and tokenizer/ (docs/wan.md)")
+            raise CfError(
+                "no text encoder: pass --weights DIR holding text_encoder/ and tokenizer/ (docs/wan.md)"
+            )
         text = UMT5Text.from_folder(weights, device=device, dtype=torch.float32)
     if guidance is None:
         guidance = 1.0 if sampler == "student" else float(cfg.diffusion.cfg_scale)
@@ -115,6 +137,9 @@ def run_wan(cfg, *, weights: str | Path | None, prompt: str, out: str | Path, ck
     null = text([negative_prompt]).to(device) if guidance != 1 else None
     t_text = time.perf_counter() - t_text
     cond = Cond(text=feats, null_text=null)
+    text = None  # UMT5 (11 GB in bf16 at full size) is not needed past this point
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     decoder = None
     if decode:
@@ -154,8 +179,16 @@ def run_wan(cfg, *, weights: str | Path | None, prompt: str, out: str | Path, ck
     gen = torch.Generator().manual_seed(cfg.seed)
     try:
         with torch.no_grad(), attention_kernels(cfg.model):
-            rollout(model, cache, build_sampler(cfg.diffusion, sampler), cond, n_chunks, generator=gen,
-                    guidance=guidance, callbacks=[timer, nbytes, dec, *callbacks])
+            rollout(
+                model,
+                cache,
+                build_sampler(cfg.diffusion, sampler),
+                cond,
+                n_chunks,
+                generator=gen,
+                guidance=guidance,
+                callbacks=[timer, nbytes, dec, *callbacks],
+            )
         writer.close()
     except BaseException:
         writer.container.close()
@@ -164,20 +197,38 @@ def run_wan(cfg, *, weights: str | Path | None, prompt: str, out: str | Path, ck
     dit_s = sum(timer.latencies)  # the timer ends each chunk before Decode runs: DiT (and cache) only
     frames = writer.frames
     meta = {
-        "model": "wan", "prompt": prompt, "negative_prompt": negative_prompt if guidance != 1 else None,
-        "seed": cfg.seed, "sampler": sampler, "guidance": guidance, "policy": cfg.memory.policy,
+        "model": "wan",
+        "prompt": prompt,
+        "negative_prompt": negative_prompt if guidance != 1 else None,
+        "seed": cfg.seed,
+        "sampler": sampler,
+        "guidance": guidance,
+        "policy": cfg.memory.policy,
         "memory": {k: cfg.memory[k] for k in cfg.memory},
         "promoted": list(cache.state.promoted) if policy.slow else None,
-        "seconds": seconds, "latent_frames": n_chunks * chunk, "frames": frames, "fps": video_fps,
+        "seconds": seconds,
+        "latent_frames": n_chunks * chunk,
+        "frames": frames,
+        "fps": video_fps,
         "height": int(cfg.data.height * (decoder.spatial if decoder else 1)),
         "width": int(cfg.data.width * (decoder.spatial if decoder else 1)),
-        "decoded": decoder is not None, "weights": w.sources, "wan_config": w.config.as_dict(),
-        "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-        "timing": {"chunk_latency_s": timer.latencies, "decode_s": dec.seconds, "text_s": t_text,
-                   "dit_s": dit_s, "total_s": time.perf_counter() - t_start,
-                   "video_fps_dit": frames / dit_s if dit_s > 0 else None,
-                   "video_fps_with_decode": frames / (dit_s + sum(dec.seconds)) if timer.latencies else None},
-        "kv_bytes": nbytes.nbytes, "config_hash": config_hash(cfg), "git_sha": git_sha(),
+        "decoded": decoder is not None,
+        "weights": w.sources,
+        "wan_config": w.config.as_dict(),
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "timing": {
+            "chunk_latency_s": timer.latencies,
+            "decode_s": dec.seconds,
+            "text_s": t_text,
+            "dit_s": dit_s,
+            "total_s": time.perf_counter() - t_start,
+            "video_fps_dit": frames / dit_s if dit_s > 0 else None,
+            "video_fps_with_decode": frames / (dit_s + sum(dec.seconds)) if timer.latencies else None,
+        },
+        "kv_bytes": nbytes.nbytes,
+        "config_hash": config_hash(cfg),
+        "git_sha": git_sha(),
     }
     atomic_write_json(stem.with_suffix(".json"), meta)
     return {**meta, "mp4": str(stem.with_suffix(".mp4")), "json": str(stem.with_suffix(".json"))}

@@ -29,8 +29,15 @@ from torch import Tensor
 
 from cf.errors import CfError
 from cf.wan.convert import (
-    GENERATOR_KEYS, WanConfig, check_fits, diffusers_to_cf, model_overrides, naming, original_module_to_diffusers,
-    strip_wrappers, to_diffusers_names,
+    GENERATOR_KEYS,
+    WanConfig,
+    check_fits,
+    diffusers_to_cf,
+    model_overrides,
+    naming,
+    original_module_to_diffusers,
+    strip_wrappers,
+    to_diffusers_names,
 )
 
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
@@ -44,10 +51,19 @@ class WanWeights:
     state: dict[str, Tensor]  # cf names
     sources: list[str] = field(default_factory=list)  # what was read, in order (for the run's JSON)
 
-    def build(self, data_cfg=None, *, height: int = 60, width: int = 104, frames_per_chunk: int = 3,
-              dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", text_pad_tokens: int | None = None):
+    def build(
+        self,
+        data_cfg=None,
+        *,
+        height: int = 60,
+        width: int = 104,
+        frames_per_chunk: int = 3,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        text_pad_tokens: int | None = None,
+    ):
         """A CausalVideoDiT with these weights (frames of `height` x `width` latents). text_pad_tokens
-        overrides Wan's 512 padded text tokens (shorter is cheaper but no longer Wan's function: tests only)."""
+        overrides Wan's 512 padded text tokens (shorter is cheaper, no longer Wan's function: tests only)."""
         from types import SimpleNamespace
 
         from cf.config.schema import ModelConfig
@@ -59,9 +75,13 @@ class WanWeights:
         m = ModelConfig(**keys)
         d = data_cfg if data_cfg is not None else SimpleNamespace(height=height, width=width)
         model = CausalVideoDiT(m, d)
-        check_fits(self.state, model, self.sources[-1] if self.sources else "weights",
-                   "Pass the transformer that matches the config it was read with (--weights DIR holds the "
-                   "config.json of the base model the --ckpt / --lora were trained from)")
+        check_fits(
+            self.state,
+            model,
+            self.sources[-1] if self.sources else "weights",
+            "Pass the transformer that matches the config it was read with (--weights DIR holds the "
+            "config.json of the base model the --ckpt / --lora were trained from)",
+        )
         model.load_state_dict(self.state, strict=True)
         return model.to(device=device, dtype=dtype).keep_fp32()
 
@@ -72,7 +92,9 @@ def load_tensors(path: str | Path) -> dict[str, Tensor]:
     generator (`generator_ema` first) or a `state_dict` is unwrapped."""
     path = Path(path)
     if not path.is_file():
-        raise CfError(f"weights file {str(path)!r} does not exist; pass the path of a .safetensors / .pt file")
+        raise CfError(
+            f"weights file {str(path)!r} does not exist; pass the path of a .safetensors / .pt file"
+        )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -83,8 +105,10 @@ def load_tensors(path: str | Path) -> dict[str, Tensor]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, foreign, or a pickle that is more than tensors
-        raise CfError(f"cannot load {str(path)!r} with torch.load(weights_only=True): {e}; "
-                      f"convert it to safetensors or pass a plain state dict") from None
+        raise CfError(
+            f"cannot load {str(path)!r} with torch.load(weights_only=True): {e}; "
+            f"convert it to safetensors or pass a plain state dict"
+        ) from None
     return unwrap(blob, str(path))
 
 
@@ -108,8 +132,10 @@ def unwrap(blob, source: str) -> dict[str, Tensor]:
     if isinstance(blob, dict) and blob and all(isinstance(v, Tensor) for v in blob.values()):
         return blob
     keys = list(blob)[:6] if isinstance(blob, dict) else type(blob).__name__
-    raise CfError(f"{source} holds no transformer state dict (top-level: {keys}); expected tensors, or a dict "
-                  f"with one of {', '.join(GENERATOR_KEYS)}")
+    raise CfError(
+        f"{source} holds no transformer state dict (top-level: {keys}); expected tensors, or a dict "
+        f"with one of {', '.join(GENERATOR_KEYS)}"
+    )
 
 
 def _safetensors_in(folder: Path) -> list[Path]:
@@ -118,8 +144,10 @@ def _safetensors_in(folder: Path) -> list[Path]:
         shards = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
-            raise CfError(f"{index[0]} lists shards that are not in {folder}: {missing[:3]}; "
-                          f"download every shard of the model")
+            raise CfError(
+                f"{index[0]} lists shards that are not in {folder}: {missing[:3]}; "
+                f"download every shard of the model"
+            )
         return [folder / s for s in shards]
     return sorted(folder.glob("*.safetensors"))
 
@@ -128,8 +156,10 @@ def transformer_folder(weights: str | Path) -> Path:
     """The folder holding the transformer: `DIR/transformer` in a diffusers pipeline, else DIR."""
     d = Path(weights)
     if not d.is_dir():
-        raise CfError(f"--weights {str(d)!r} is not a folder; pass the Wan model's folder (a diffusers "
-                      f"pipeline, its transformer/ folder, or Wan's own release)")
+        raise CfError(
+            f"--weights {str(d)!r} is not a folder; pass the Wan model's folder (a diffusers "
+            f"pipeline, its transformer/ folder, or Wan's own release)"
+        )
     return d / "transformer" if (d / "transformer" / "config.json").is_file() else d
 
 
@@ -163,12 +193,16 @@ def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict, str]:
     folder = p if p.is_dir() else p.parent
     cfg_path = folder / "adapter_config.json"
     if not cfg_path.is_file():
-        raise CfError(f"LoRA {str(p)!r}: no adapter_config.json beside it (peft's adapter format: the folder "
-                      f"`save_pretrained` writes); its lora_alpha and r decide the merge scale")
+        raise CfError(
+            f"LoRA {str(p)!r}: no adapter_config.json beside it (peft's adapter format: the folder "
+            f"`save_pretrained` writes); its lora_alpha and r decide the merge scale"
+        )
     config = json.loads(cfg_path.read_text())
     if config.get("use_dora"):
-        raise CfError(f"{cfg_path}: use_dora=true; cf merges plain LoRA only (merge the DoRA adapter with peft "
-                      f"and pass the merged model)")
+        raise CfError(
+            f"{cfg_path}: use_dora=true; cf merges plain LoRA only (merge the DoRA adapter with peft "
+            f"and pass the merged model)"
+        )
     if p.is_dir():
         files = [f for f in (p / "adapter_model.safetensors", p / "adapter_model.bin") if f.is_file()]
         if not files:
@@ -184,23 +218,30 @@ def _pattern(patterns: dict, module: str, default):
     return default
 
 
-def merge_lora(state: dict[str, Tensor], lora: dict[str, Tensor], config: dict, source: str,
-               scale: float = 1.0) -> int:
+def merge_lora(
+    state: dict[str, Tensor], lora: dict[str, Tensor], config: dict, source: str, scale: float = 1.0
+) -> int:
     """Merge a peft LoRA into a diffusers-named state in place: W += s * B @ A per adapted module.
     Returns the number of modules merged; refuses adapters of modules the model does not have."""
     lora = strip_wrappers({k.replace(".default.", "."): v for k, v in lora.items()})
     if naming(k.split(".lora_")[0] + ".weight" for k in lora) == "original":
-        lora = {original_module_to_diffusers(k.split(".lora_")[0]) + ".lora_" + k.split(".lora_")[1]: v
-                for k, v in lora.items()}
+        lora = {
+            original_module_to_diffusers(k.split(".lora_")[0]) + ".lora_" + k.split(".lora_")[1]: v
+            for k, v in lora.items()
+        }
     modules = sorted({k.split(".lora_")[0] for k in lora if ".lora_A." in k})
     if not modules:
-        raise CfError(f"{source} holds no lora_A / lora_B tensors (keys like {list(lora)[:3]}); pass a peft "
-                      f"LoRA adapter")
+        raise CfError(
+            f"{source} holds no lora_A / lora_B tensors (keys like {list(lora)[:3]}); pass a peft "
+            f"LoRA adapter"
+        )
     alpha0, use_rs = float(config.get("lora_alpha", config.get("r", 8))), bool(config.get("use_rslora"))
     bad = [m for m in modules if f"{m}.weight" not in state]
     if bad:
-        raise CfError(f"{source} adapts modules the base model does not have: {bad[:3]}; the LoRA was trained "
-                      f"on another base (pass that base with --weights / --ckpt)")
+        raise CfError(
+            f"{source} adapts modules the base model does not have: {bad[:3]}; the LoRA was trained "
+            f"on another base (pass that base with --weights / --ckpt)"
+        )
     for m in modules:
         a, b = lora[f"{m}.lora_A.weight"].double(), lora[f"{m}.lora_B.weight"].double()
         w = state[f"{m}.weight"]
@@ -209,20 +250,30 @@ def merge_lora(state: dict[str, Tensor], lora: dict[str, Tensor], config: dict, 
         s = scale * (alpha / math.sqrt(r) if use_rs else alpha / r)
         delta = (b @ a) * s
         if delta.shape != w.shape:
-            raise CfError(f"{source}: LoRA of {m} gives a {tuple(delta.shape)} update for a {tuple(w.shape)} "
-                          f"weight; the LoRA was trained on another base")
+            raise CfError(
+                f"{source}: LoRA of {m} gives a {tuple(delta.shape)} update for a {tuple(w.shape)} "
+                f"weight; the LoRA was trained on another base"
+            )
         state[f"{m}.weight"] = (w.double() + delta).to(w.dtype)
         if f"{m}.lora_B.bias" in lora:  # peft's lora_bias option
-            state[f"{m}.bias"] = state[f"{m}.bias"] + lora[f"{m}.lora_B.bias"].to(state[f"{m}.bias"].dtype) * s
+            state[f"{m}.bias"] = (
+                state[f"{m}.bias"] + lora[f"{m}.lora_B.bias"].to(state[f"{m}.bias"].dtype) * s
+            )
     return len(modules)
 
 
 # ---------------------------------------------------------------------------------------- together
-def read_wan(weights: str | Path | None = None, ckpt: str | Path | None = None, lora: str | Path | None = None,
-             *, heads: int | None = None, lora_scale: float = 1.0) -> WanWeights:
+def read_wan(
+    weights: str | Path | None = None,
+    ckpt: str | Path | None = None,
+    lora: str | Path | None = None,
+    *,
+    heads: int | None = None,
+    lora_scale: float = 1.0,
+) -> WanWeights:
     """The transformer: the base from the `weights` folder, its tensors replaced by `ckpt` if given
     (Self-Forcing / Context Forcing / LongLive generators), then `lora` merged. The architecture comes from
-    the folder's config.json, or from ckpt's shapes when no folder is given (heads: `heads`, else dim / 128)."""
+    the folder's config.json, or from ckpt's shapes when no folder is given (heads: `heads`, else dim/128)."""
     if weights is None and ckpt is None:
         raise CfError("no Wan weights: pass --weights DIR (a Wan2.1 T2V folder) and/or --ckpt FILE")
     sources: list[str] = []
@@ -239,9 +290,11 @@ def read_wan(weights: str | Path | None = None, ckpt: str | Path | None = None, 
     if ckpt is not None:
         state = to_diffusers_names(load_tensors(ckpt))
         if "patch_embedding.weight" not in state:
-            raise CfError(f"{ckpt} is not a Wan transformer checkpoint: no patch_embedding.weight among "
-                          f"{len(state)} tensors (first keys {list(state)[:3]}); pass the generator checkpoint "
-                          f"of a Wan-based model (Self-Forcing / Context Forcing / LongLive) or a Wan folder")
+            raise CfError(
+                f"{ckpt} is not a Wan transformer checkpoint: no patch_embedding.weight among "
+                f"{len(state)} tensors (first keys {list(state)[:3]}); pass the generator checkpoint "
+                f"of a Wan-based model (Self-Forcing / Context Forcing / LongLive) or a Wan folder"
+            )
         if wc is None:
             wc = WanConfig.from_state(state, heads)
         sources.append(str(ckpt))

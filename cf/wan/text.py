@@ -32,8 +32,9 @@ class UMT5Text:
         self.tokenizer, self.encoder, self.max_tokens = tokenizer, encoder, max_tokens
 
     @classmethod
-    def from_folder(cls, weights: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32) -> UMT5Text:
+    def from_folder(
+        cls, weights: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> UMT5Text:
         """From a diffusers Wan pipeline folder (text_encoder/ and tokenizer/), offline."""
         try:
             from transformers import AutoTokenizer, UMT5EncoderModel
@@ -41,11 +42,15 @@ class UMT5Text:
             raise CfError(f"the UMT5 text encoder needs transformers ({e}); pip install -e .[wan]") from None
         root = Path(weights)
         enc_dir, tok_dir = root / "text_encoder", root / "tokenizer"
-        for d, what in ((enc_dir, "the UMT5 encoder (config.json + model*.safetensors)"),
-                        (tok_dir, "the UMT5 tokenizer (tokenizer.json or spiece.model)")):
+        for d, what in (
+            (enc_dir, "the UMT5 encoder (config.json + model*.safetensors)"),
+            (tok_dir, "the UMT5 tokenizer (tokenizer.json or spiece.model)"),
+        ):
             if not d.is_dir():
-                raise CfError(f"{d} does not exist: --weights must hold {what} in the diffusers layout "
-                              f"(Wan-AI/Wan2.1-T2V-1.3B-Diffusers); see docs/wan.md")
+                raise CfError(
+                    f"{d} does not exist: --weights must hold {what} in the diffusers layout "
+                    f"(Wan-AI/Wan2.1-T2V-1.3B-Diffusers); see docs/wan.md"
+                )
         tok = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
         enc = UMT5EncoderModel.from_pretrained(str(enc_dir), local_files_only=True, torch_dtype=dtype)
         return cls(tok, enc.to(device).eval())
@@ -54,9 +59,15 @@ class UMT5Text:
     def __call__(self, prompts: list[str]) -> Tensor:
         """Prompts -> features [B, L, D] (L the longest prompt's tokens; zero past each row's own)."""
         device = next(self.encoder.parameters()).device
-        t = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length", max_length=self.max_tokens,
-                           truncation=True, add_special_tokens=True, return_attention_mask=True,
-                           return_tensors="pt")
+        t = self.tokenizer(
+            [clean_prompt(p) for p in prompts],
+            padding="max_length",
+            max_length=self.max_tokens,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
         ids, mask = t.input_ids.to(device), t.attention_mask.to(device)
         feats = self.encoder(ids, mask).last_hidden_state
         lens = mask.gt(0).sum(dim=1)

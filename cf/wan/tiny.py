@@ -14,15 +14,47 @@ from pathlib import Path
 import torch
 
 # 2 layers, 2 heads of 16, 4 channels: the tiny transformer
-TINY_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
-                        out_channels=4, text_dim=32, freq_dim=24, ffn_dim=64, num_layers=2, cross_attn_norm=True,
-                        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64)
-TINY_UMT5 = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                 relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
-                 feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-TINY_VAE = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, attn_scales=[],
-                temperal_downsample=[True, True], dropout=0.0, latents_mean=[0.1, -0.2, 0.3, 0.0],
-                latents_std=[1.5, 0.8, 1.2, 1.0])  # 4x spatial, 4x temporal (Wan's: 8x, 4x)
+TINY_TRANSFORMER = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=16,
+    in_channels=4,
+    out_channels=4,
+    text_dim=32,
+    freq_dim=24,
+    ffn_dim=64,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=64,
+)
+TINY_UMT5 = dict(
+    vocab_size=64,
+    d_model=32,
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=16,
+    dropout_rate=0.0,
+    feed_forward_proj="gated-gelu",
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
+)
+TINY_VAE = dict(
+    base_dim=8,
+    z_dim=4,
+    dim_mult=[1, 2, 2],
+    num_res_blocks=1,
+    attn_scales=[],
+    temperal_downsample=[True, True],
+    dropout=0.0,
+    latents_mean=[0.1, -0.2, 0.3, 0.0],
+    latents_std=[1.5, 0.8, 1.2, 1.0],
+)  # 4x spatial, 4x temporal (Wan's: 8x, 4x)
 
 
 def randomize(module: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
@@ -47,14 +79,17 @@ def save_tiny_tokenizer(folder: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    words = ("a the red blue green house sea by car road tree sky city night day dog cat walks runs on in "
-             "of and with under over big small bright dark low quality blurry").split()
+    words = (
+        "a the red blue green house sea by car road tree sky city night day dog cat walks runs on in "
+        "of and with under over big small bright dark low quality blurry"
+    ).split()
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(dict.fromkeys(words))}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=512)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
     fast.save_pretrained(str(folder))
 
 

@@ -26,9 +26,13 @@ def load_vae(weights: str | Path, device: str | torch.device = "cpu", dtype: tor
     d = Path(weights)
     d = d / "vae" if (d / "vae").is_dir() else d
     if not (d / "config.json").is_file():
-        raise CfError(f"{d} holds no Wan VAE (config.json + diffusion_pytorch_model.safetensors); --weights must be "
-                      f"a diffusers Wan pipeline folder with vae/ (docs/wan.md)")
-    return AutoencoderKLWan.from_pretrained(str(d), local_files_only=True, torch_dtype=dtype).to(device).eval()
+        raise CfError(
+            f"{d} holds no Wan VAE (config.json + diffusion_pytorch_model.safetensors); --weights must be "
+            f"a diffusers Wan pipeline folder with vae/ (docs/wan.md)"
+        )
+    return (
+        AutoencoderKLWan.from_pretrained(str(d), local_files_only=True, torch_dtype=dtype).to(device).eval()
+    )
 
 
 class StreamDecoder:
@@ -61,8 +65,11 @@ class StreamDecoder:
         outs = []
         for i in range(z.shape[2]):
             idx = [0]
-            outs.append(self.vae.decoder(z[:, :, i:i + 1], feat_cache=self.cache, feat_idx=idx,
-                                         first_chunk=self.n == 0))
+            outs.append(
+                self.vae.decoder(
+                    z[:, :, i : i + 1], feat_cache=self.cache, feat_idx=idx, first_chunk=self.n == 0
+                )
+            )
             self.n += 1
         return outs[0].new_zeros(0) if not outs else torch.cat(outs, 2).clamp(-1, 1).permute(0, 2, 1, 3, 4)
 
