@@ -232,3 +232,37 @@ def run_wan(
     }
     atomic_write_json(stem.with_suffix(".json"), meta)
     return {**meta, "mp4": str(stem.with_suffix(".mp4")), "json": str(stem.with_suffix(".json"))}
+
+
+def run_command(args, cfg) -> int:
+    """`cf generate --model wan` (the command's flags: --weights, --ckpt, --lora, --prompt, --negative-prompt,
+    --seconds, --sampler, --guidance, --out). Without --preset the `wan` preset is used (cf's default preset,
+    tiny, has no Wan shapes)."""
+    from cf.config import load_config
+
+    if getattr(args, "preset", None) in (None, "tiny"):
+        overrides = list(args.overrides)
+        if args.memory is not None:
+            overrides.append(f"memory.policy={args.memory}")
+        if args.seed is not None:
+            overrides.append(f"seed={args.seed}")
+        cfg = load_config("wan", args.method, overrides, out=args.out)
+    if not args.prompt:
+        raise CfError('cf generate --model wan needs --prompt "..." (the text of the video)')
+    if args.weights is None and args.ckpt is None:
+        raise CfError("cf generate --model wan needs --weights DIR (a Wan2.1-T2V diffusers folder: "
+                      "transformer/, text_encoder/, tokenizer/, vae/) and optionally --ckpt FILE / --lora DIR; "
+                      "docs/wan.md")
+    if getattr(args, "context", 0):
+        raise CfError("--context continues a world's clean frames; it does not apply to --model wan")
+    out = Path(args.out) if args.out else Path(cfg.out) / "generate"
+    meta = run_wan(cfg, weights=args.weights, ckpt=args.ckpt, lora=getattr(args, "lora", None),
+                   prompt=args.prompt, negative_prompt=getattr(args, "negative_prompt", None),
+                   seconds=args.seconds, guidance=args.guidance, sampler=args.sampler, out=out)
+    t = meta["timing"]
+    print(f"wrote {meta['mp4']} + .json: {meta['frames']} frames ({meta['seconds']:g} s at {meta['fps']} "
+          f"fps), {meta['policy']} memory; DiT {t['dit_s']:.1f} s ({t['video_fps_dit']:.1f} video FPS), "
+          f"VAE {sum(t['decode_s']):.1f} s")
+    if meta["promoted"] is not None:
+        print(f"slow memory: {len(meta['promoted'])} frames promoted (memory.tau={cfg.memory.tau:g})")
+    return 0
