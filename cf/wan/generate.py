@@ -251,8 +251,8 @@ def run_command(args, cfg) -> int:
         raise CfError('cf generate --model wan needs --prompt "..." (the text of the video)')
     if args.weights is None and args.ckpt is None:
         raise CfError("cf generate --model wan needs --weights DIR (a Wan2.1-T2V diffusers folder: "
-                      "transformer/, text_encoder/, tokenizer/, vae/) and optionally --ckpt FILE / --lora DIR; "
-                      "docs/wan.md")
+                      "transformer/, text_encoder/, tokenizer/, vae/) and optionally --ckpt FILE / "
+                      "--lora DIR; docs/wan.md")
     if getattr(args, "context", 0):
         raise CfError("--context continues a world's clean frames; it does not apply to --model wan")
     out = Path(args.out) if args.out else Path(cfg.out) / "generate"
