@@ -72,7 +72,61 @@ def test_stream_decoder_equals_one_decode_of_the_whole_video(pipe_dir):
     assert (streamed - whole).abs().max() <= 1e-6
 
 
-def _generate(pipe_dir, out, *extra):
+def _args(pipe_dir, out, **kw):
+    import argparse
+
+    base = dict(
+        preset=None,
+        method=None,
+        memory="slowfast",
+        seed=None,
+        out=str(out),
+        weights=str(pipe_dir),
+        ckpt=None,
+        lora=None,
+        prompt="a red house by the sea",
+        negative_prompt=None,
+        seconds=3.0,
+        sampler="student",
+        guidance=3.0,
+        context=0,
+        overrides=["data.height=4", "data.width=6", "device=cpu"],
+    )
+    return argparse.Namespace(**{**base, **kw})
+
+
+def _check_and_score(out, capsys):
+    meta = json.loads((out / "wan_slowfast_seed0.json").read_text())
+    assert meta["prompt"] == "a red house by the sea" and meta["policy"] == "slowfast" and meta["seed"] == 0
+    assert meta["frames"] == 1 + 4 * (meta["latent_frames"] - 1) and meta["fps"] == 16
+    assert meta["promoted"] is not None and meta["timing"]["dit_s"] > 0 and meta["negative_prompt"]
+    assert (
+        meta["memory"]["sink_frames"] == 3 and meta["wan_config"]["layers"] == 2
+    )  # the wan preset, the files
+    capsys.readouterr()
+    rc = main(
+        ["score", str(out / "wan_slowfast_seed0.mp4"), "--preset", "smoke", "--backbone", "pixels", "--json"]
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0 and not report["errors"]
+    (video,) = report["videos"]
+    assert video["frames"] == meta["frames"] and video["seconds"] == pytest.approx(meta["frames"] / 16)
+
+
+def test_generate_wan_writes_what_cf_score_reads(pipe_dir, tmp_path, capsys):
+    from cf.wan.generate import run_command
+
+    assert run_command(_args(pipe_dir, tmp_path), None) == 0
+    _check_and_score(tmp_path, capsys)
+
+
+def test_cf_generate_model_wan_end_to_end_then_cf_score(pipe_dir, tmp_path, capsys):
+    import inspect
+
+    import cf.commands.generate as gen_cmd
+
+    if "--model" not in inspect.getsource(gen_cmd.add_arguments):
+        pytest.skip("cf generate has no --model wan yet (waits for generate() to move to cf/generation.py)")
     argv = [
         "generate",
         "--model",
@@ -85,44 +139,17 @@ def _generate(pipe_dir, out, *extra):
         "slowfast",
         "--seconds",
         "3",
+        "--guidance",
+        "3",
         "--out",
-        str(out),
+        str(tmp_path),
         "data.height=4",
         "data.width=6",
         "device=cpu",
-        *extra,
     ]
-    return main(argv)
-
-
-def test_cf_generate_model_wan_end_to_end_then_cf_score(pipe_dir, tmp_path, capsys):
-    import inspect
-
-    import cf.commands.generate as gen_cmd
-
-    if "--model" not in inspect.getsource(gen_cmd.add_arguments):
-        pytest.skip("cf generate has no --model wan yet (waits for generate() to move to cf/generation.py)")
-    assert _generate(pipe_dir, tmp_path, "--guidance", "3") == 0
-    meta = json.loads((tmp_path / "wan_slowfast_seed0.json").read_text())
-    assert meta["prompt"] == "a red house by the sea" and meta["policy"] == "slowfast" and meta["seed"] == 0
-    assert meta["frames"] == 1 + 4 * (meta["latent_frames"] - 1) and meta["fps"] == 16
-    assert meta["promoted"] is not None and meta["timing"]["dit_s"] > 0 and meta["negative_prompt"]
-    capsys.readouterr()
-    rc = main(
-        [
-            "score",
-            str(tmp_path / "wan_slowfast_seed0.mp4"),
-            "--preset",
-            "smoke",
-            "--backbone",
-            "pixels",
-            "--json",
-        ]
-    )
-    report = json.loads(capsys.readouterr().out)
-    assert rc == 0 and not report["errors"]
-    (video,) = report["videos"]
-    assert video["frames"] == meta["frames"] and video["seconds"] == pytest.approx(meta["frames"] / 16)
+    assert main(argv) == 0
+    _check_and_score(tmp_path, capsys)
+    assert main(["generate", "--model", "wan", "--seconds", "1", "--out", str(tmp_path)]) == 2  # no --prompt
 
 
 def test_run_wan_writes_video_and_json_with_a_pluggable_text_encoder(pipe_dir, tmp_path):
