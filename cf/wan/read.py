@@ -50,6 +50,7 @@ class WanWeights:
     config: WanConfig
     state: dict[str, Tensor]  # cf names
     sources: list[str] = field(default_factory=list)  # what was read, in order (for the run's JSON)
+    origin: str = "weights"  # the file or folder the tensors came from (named when they do not fit)
 
     def build(
         self,
@@ -78,7 +79,7 @@ class WanWeights:
         check_fits(
             self.state,
             model,
-            self.sources[-1] if self.sources else "weights",
+            self.origin,
             "Pass the transformer that matches the config it was read with (--weights DIR holds the "
             "config.json of the base model the --ckpt / --lora were trained from)",
         )
@@ -304,4 +305,12 @@ def read_wan(
         tensors, config, src = read_lora(lora)
         merge_lora(state, tensors, config, src, lora_scale)
         sources.append(src)
-    return WanWeights(config=wc, state=diffusers_to_cf(state, wc), sources=sources)
+    origin = str(ckpt) if ckpt is not None else sources[0]  # where the tensors came from
+    try:
+        converted = diffusers_to_cf(state, wc)
+    except RuntimeError as e:  # a reshape of a tensor whose size does not fit the config
+        raise CfError(
+            f"{origin} does not fit the config {sources[0]} ({e}); pass the --weights folder of the "
+            f"base model this checkpoint was trained from"
+        ) from None
+    return WanWeights(config=wc, state=converted, sources=sources, origin=origin)
