@@ -213,14 +213,21 @@ def test_original_release_folder_loads_equal(ref, diffusers_dir, tmp_path):
     assert (got - want).abs().max() <= 1e-5
 
 
-def test_peft_lora_merged_at_load_equals_peft_merged(ref, diffusers_dir, tmp_path):
+@pytest.mark.parametrize("layout", ["peft_folder", "original_names_bare_file"])
+def test_peft_lora_merged_at_load_equals_peft_merged(ref, diffusers_dir, tmp_path, layout):
+    """peft's adapter folder (alpha_pattern honoured) on a diffusers base; and LongLive's way: a bare file of
+    lora tensors in Wan's own naming under wrapper prefixes, on a Self-Forcing-style generator dict, with
+    lora_alpha from the training config."""
     peft = pytest.importorskip("peft", reason="peft is in the wan extra")
+    from safetensors.torch import load_file
+
     base = tiny_transformer(seed=0)
+    pattern = {"ffn.net.0.proj": 2} if layout == "peft_folder" else {}
     cfg = peft.LoraConfig(
         r=4,
         lora_alpha=8,
+        alpha_pattern=pattern,
         target_modules=["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj"],
-        alpha_pattern={"ffn.net.0.proj": 2},
     )
     lora = peft.get_peft_model(base, cfg)
     g = torch.Generator().manual_seed(5)
@@ -233,7 +240,24 @@ def test_peft_lora_merged_at_load_equals_peft_merged(ref, diffusers_dir, tmp_pat
     x, t, text = inputs(3)
     want = diffusers_forward(merged, x, t, text)
     assert (want - diffusers_forward(ref, x, t, text)).abs().max() > 1e-2  # the adapter changes the output
-    got = cf_forward(read_wan(diffusers_dir, lora=tmp_path / "adapter").build(height=H, width=W), x, t, text)
+    if layout == "peft_folder":
+        w = read_wan(diffusers_dir, lora=tmp_path / "adapter")
+    else:
+        tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+        plain = {k.removeprefix("base_model.model."): v for k, v in tensors.items()}
+        (tmp_path / "run").mkdir()
+        torch.save(
+            {"generator_lora": {f"base_model.model.model.{k}": v for k, v in to_original(plain).items()}},
+            tmp_path / "run" / "lora.pt",
+        )
+        torch.save(
+            {"generator_ema": {f"model.{k}": v for k, v in to_original(ref.state_dict()).items()}},
+            tmp_path / "run" / "base.pt",
+        )
+        w = read_wan(
+            diffusers_dir, ckpt=tmp_path / "run" / "base.pt", lora=tmp_path / "run" / "lora.pt", lora_alpha=8
+        )
+    got = cf_forward(w.build(height=H, width=W), x, t, text)
     assert (got - want).abs().max() <= 1e-5
 
 
@@ -276,3 +300,16 @@ def test_native_defaults_are_unchanged():
     model = CausalVideoDiT(m, cfg.data)
     assert model.null_token is not None and model.time_embed[0].in_features == m.dim
     assert model.blocks[0].attn.norm_q.weight.shape == (m.dim // m.heads,)
+
+
+def test_sharded_diffusers_folder_and_pipeline_root(ref, tmp_path):
+    """Shards listed by *.safetensors.index.json; a pipeline root is read through its transformer/ folder."""
+    ref.save_pretrained(str(tmp_path / "transformer"), max_shard_size="20KB")
+    assert list((tmp_path / "transformer").glob("*.index.json"))
+    x, t, text = inputs(4)
+    want = diffusers_forward(ref, x, t, text)
+    assert (cf_forward(read_wan(tmp_path).build(height=H, width=W), x, t, text) - want).abs().max() <= 1e-5
+    shard = sorted((tmp_path / "transformer").glob("*-of-*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(CfError, match="lists shards that are not in"):
+        read_wan(tmp_path)

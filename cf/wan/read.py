@@ -187,16 +187,20 @@ def read_folder(weights: str | Path) -> tuple[WanConfig, dict[str, Tensor], str]
 
 
 # --------------------------------------------------------------------------------------------- LoRA
-def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict, str]:
+def read_lora(path: str | Path, lora_alpha: float | None = None) -> tuple[dict[str, Tensor], dict, str]:
     """(tensors, adapter_config, source) of a peft adapter: a folder, or a weights file next to its
-    adapter_config.json."""
+    adapter_config.json. A bare file of lora_A / lora_B tensors (a training run's own save) needs
+    `lora_alpha` instead (the rank is read from the tensors)."""
     p = Path(path)
     folder = p if p.is_dir() else p.parent
     cfg_path = folder / "adapter_config.json"
     if not cfg_path.is_file():
+        if lora_alpha is not None and p.is_file():
+            return load_tensors(p), {"lora_alpha": float(lora_alpha)}, str(p)
         raise CfError(
             f"LoRA {str(p)!r}: no adapter_config.json beside it (peft's adapter format: the folder "
-            f"`save_pretrained` writes); its lora_alpha and r decide the merge scale"
+            f"`save_pretrained` writes), whose lora_alpha and r decide the merge scale; add it, or pass "
+            f"lora_alpha (the training config's) with the file"
         )
     config = json.loads(cfg_path.read_text())
     if config.get("use_dora"):
@@ -236,7 +240,7 @@ def merge_lora(
             f"{source} holds no lora_A / lora_B tensors (keys like {list(lora)[:3]}); pass a peft "
             f"LoRA adapter"
         )
-    alpha0, use_rs = float(config.get("lora_alpha", config.get("r", 8))), bool(config.get("use_rslora"))
+    alpha0, use_rs = float(config.get("lora_alpha", 8)), bool(config.get("use_rslora"))  # peft default 8
     bad = [m for m in modules if f"{m}.weight" not in state]
     if bad:
         raise CfError(
@@ -271,6 +275,7 @@ def read_wan(
     *,
     heads: int | None = None,
     lora_scale: float = 1.0,
+    lora_alpha: float | None = None,
 ) -> WanWeights:
     """The transformer: the base from the `weights` folder, its tensors replaced by `ckpt` if given
     (Self-Forcing / Context Forcing / LongLive generators), then `lora` merged. The architecture comes from
@@ -302,7 +307,7 @@ def read_wan(
     assert wc is not None and state is not None
     wc.check(sources[0])
     if lora is not None:
-        tensors, config, src = read_lora(lora)
+        tensors, config, src = read_lora(lora, lora_alpha)
         merge_lora(state, tensors, config, src, lora_scale)
         sources.append(src)
     origin = str(ckpt) if ckpt is not None else sources[0]  # where the tensors came from
