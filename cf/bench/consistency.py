@@ -5,7 +5,7 @@ its generator weights, or None for random ("untrained") weights. `plan_entries` 
 ``bench.methods`` x ``bench.policies`` from ``<runs>/<method>-<memory>-seed<seed>/generator.safetensors``
 (the stage contract); `run_consistency` benchmarks a list of them (the pipeline calls it with one).
 
-Per entry and per seed k of ``bench.seeds``: `cf.commands.generate.generate` rolls the student sampler
+Per entry and per seed k of ``bench.seeds``: `cf.generation.generate` rolls the student sampler
 out on the held-out world ``data.eval_seed + k`` (its prompt and camera path; noise seeded by k) for
 ``bench.seconds`` in all, continuing the world's first ``student.context_frames`` clean frames as the
 student was trained to (0: from noise alone), and `cf.metrics.VideoScorer` scores it as saved (uint8
@@ -184,7 +184,7 @@ def _load_model(entry: Entry, device):
 
 def _bench_entry(cfg, entry: Entry, seeds: list[int], scorer, extra, device, out_dir: Path, bar) -> dict:
     """Generate and score one entry's videos; returns its per-run row, per-video rows, curves, files."""
-    from cf.commands.generate import generate
+    from cf.generation import generate
     from cf.data.world import World
     from cf.metrics import FirstFrameConsistency, embed_frames
     from cf.rollout import ChunkTimer

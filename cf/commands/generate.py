@@ -30,6 +30,7 @@ def run(args, cfg) -> int:
     from pathlib import Path
 
     from cf.errors import CfError
+    from cf.generation import generate
     from cf.model import build_model
     from cf.rollout import CacheBytes, ChunkTimer, Progress
     from cf.utils import atomic_write_json, pick_device, set_threads
@@ -72,54 +73,3 @@ def run(args, cfg) -> int:
         print(f"slow memory: {len(meta['promoted'])} frames promoted (memory.tau={cfg.memory.tau:g}, "
               f"memory.promotion={cfg.memory.promotion}), {cfg.memory.slow_frames} held at most")
     return 0
-
-
-def generate(cfg, model, n_chunks: int, *, sampler: str = "student", guidance: float | None = None,
-             context: int = 0, world_seed: int | None = None, callbacks=()):
-    """Roll `model` out for `n_chunks` chunks on a held-out world's prompt and camera path.
-
-    Returns (video float [context + n_chunks * C, C, H, W] on the CPU, meta dict with the prompt,
-    the per-frame camera, the world seed, policy, sampler and guidance). `context` clean frames
-    of the world come first (and are what the rollout continues from).
-    """
-    import torch
-
-    from cf.config import config_hash
-    from cf.data.world import World
-    from cf.diffusion import STUDENT, TEACHER, build_sampler, guidance_scale
-    from cf.errors import CfError
-    from cf.memory import KVCache, build_policy
-    from cf.model import attention_kernels, precision
-    from cf.rollout import rollout
-    from cf.utils import git_sha
-
-    chunk = cfg.model.frames_per_chunk
-    if context < 0 or context % chunk:
-        raise CfError(f"--context {context} must be a non-negative multiple of "
-                      f"model.frames_per_chunk={chunk}")
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    world_seed = cfg.data.eval_seed + cfg.seed if world_seed is None else world_seed
-    world = World(cfg.data, world_seed)
-    total = context + n_chunks * chunk
-    xs = torch.from_numpy(world.camera_x(0, total)).to(torch.float64)
-    camera = torch.stack([xs, torch.zeros_like(xs)], dim=1)  # [F, 2]; the world's camera pans in x
-    clean = world.render(context).video[None].to(device, dtype) if context else None
-    if guidance is None:
-        guidance = guidance_scale(cfg, STUDENT if sampler == "student" else TEACHER)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    with torch.no_grad(), precision(cfg.model, device), attention_kernels(cfg.model):
-        cond = model.make_cond([world.prompt], camera=camera[None].to(device))
-        cache = KVCache(build_policy(cfg.memory, chunk))
-        res = rollout(model, cache, build_sampler(cfg.diffusion, sampler), cond, n_chunks, context=clean,
-                      generator=gen, guidance=guidance, callbacks=callbacks)
-    frames = res.video if clean is None else torch.cat([clean, res.video], dim=1)
-    meta = {
-        "prompt": world.prompt, "world_seed": world_seed, "camera": camera.long().tolist(),
-        "context_frames": context, "preset": cfg.preset, "method": cfg.method, "policy": cfg.memory.policy,
-        "sampler": sampler, "guidance": guidance, "seed": cfg.seed, "config_hash": config_hash(cfg),
-        "git_sha": git_sha(),
-        # frames the slow memory promoted (slowfast; None for policies without one): is it doing anything?
-        "promoted": list(cache.state.promoted) if cache.policy.slow else None,
-    }
-    return frames[0].float().cpu(), meta

@@ -258,7 +258,7 @@ def evaluate_generator(
     Returns {"setup": ..., "scores": {model: VideoScorer aggregate}, "summary": {model: headline
     numbers}, "distilled_beats_untrained": {metric: bool}, "frames": {model: video 0}}.
     """
-    from cf.commands.generate import generate
+    from cf.generation import generate
     from cf.data.world import World
     from cf.metrics.score import VideoScorer
 
