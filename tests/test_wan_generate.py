@@ -131,6 +131,8 @@ def test_cf_generate_model_wan_end_to_end_then_cf_score(pipe_dir, tmp_path, caps
         "generate",
         "--model",
         "wan",
+        "--preset",  # data.* overrides are checked against the preset before the command runs
+        "wan",
         "--weights",
         str(pipe_dir),
         "--prompt",

@@ -24,9 +24,20 @@ def add_arguments(p) -> None:
                         "(default: 1 for the student, diffusion.cfg_scale for the teacher)")
     p.add_argument("--context", type=int, default=0,
                    help="clean world frames to continue from (a multiple of model.frames_per_chunk)")
+    # --model wan: real Wan2.1-based weights from local files (cf/wan, docs/wan.md)
+    p.add_argument("--model", choices=("native", "wan"), default="native",
+                   help="wan: a Wan2.1 T2V model from --weights/--ckpt/--lora and --prompt (docs/wan.md)")
+    p.add_argument("--weights", default=None, help="--model wan: a Wan2.1-T2V diffusers folder")
+    p.add_argument("--lora", default=None, help="--model wan: a peft LoRA adapter merged at load")
+    p.add_argument("--prompt", default=None, help="--model wan: the prompt")
+    p.add_argument("--negative-prompt", default=None, help="--model wan: the unconditional branch's prompt")
 
 
 def run(args, cfg) -> int:
+    if args.model == "wan":
+        from cf.wan.generate import run_command
+
+        return run_command(args, cfg)
     from pathlib import Path
 
     from cf.errors import CfError
