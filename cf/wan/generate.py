@@ -250,19 +250,38 @@ def run_command(args, cfg) -> int:
     if not args.prompt:
         raise CfError('cf generate --model wan needs --prompt "..." (the text of the video)')
     if args.weights is None and args.ckpt is None:
-        raise CfError("cf generate --model wan needs --weights DIR (a Wan2.1-T2V diffusers folder: "
-                      "transformer/, text_encoder/, tokenizer/, vae/) and optionally --ckpt FILE / "
-                      "--lora DIR; docs/wan.md")
+        raise CfError(
+            "cf generate --model wan needs --weights DIR (a Wan2.1-T2V diffusers folder: "
+            "transformer/, text_encoder/, tokenizer/, vae/) and optionally --ckpt FILE / "
+            "--lora DIR; docs/wan.md"
+        )
     if getattr(args, "context", 0):
         raise CfError("--context continues a world's clean frames; it does not apply to --model wan")
+    from cf.rollout import Progress
+
     out = Path(args.out) if args.out else Path(cfg.out) / "generate"
-    meta = run_wan(cfg, weights=args.weights, ckpt=args.ckpt, lora=getattr(args, "lora", None),
-                   prompt=args.prompt, negative_prompt=getattr(args, "negative_prompt", None),
-                   seconds=args.seconds, guidance=args.guidance, sampler=args.sampler, out=out)
+    seconds = cfg.bench.seconds if args.seconds is None else args.seconds
+    n_chunks = -(-max(1, int(round(seconds * cfg.data.fps))) // cfg.model.frames_per_chunk)
+    bar = Progress(n_chunks, desc=f"cf generate --model wan ({cfg.memory.policy})")
+    meta = run_wan(
+        cfg,
+        weights=args.weights,
+        ckpt=args.ckpt,
+        lora=getattr(args, "lora", None),
+        prompt=args.prompt,
+        negative_prompt=getattr(args, "negative_prompt", None),
+        seconds=seconds,
+        guidance=args.guidance,
+        sampler=args.sampler,
+        out=out,
+        callbacks=[bar],
+    )
     t = meta["timing"]
-    print(f"wrote {meta['mp4']} + .json: {meta['frames']} frames ({meta['seconds']:g} s at {meta['fps']} "
-          f"fps), {meta['policy']} memory; DiT {t['dit_s']:.1f} s ({t['video_fps_dit']:.1f} video FPS), "
-          f"VAE {sum(t['decode_s']):.1f} s")
+    print(
+        f"wrote {meta['mp4']} + .json: {meta['frames']} frames ({meta['seconds']:g} s at {meta['fps']} "
+        f"fps), {meta['policy']} memory; DiT {t['dit_s']:.1f} s ({t['video_fps_dit']:.1f} video FPS), "
+        f"VAE {sum(t['decode_s']):.1f} s"
+    )
     if meta["promoted"] is not None:
         print(f"slow memory: {len(meta['promoted'])} frames promoted (memory.tau={cfg.memory.tau:g})")
     return 0
