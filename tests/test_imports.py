@@ -47,6 +47,11 @@ NEVER: dict[str, tuple[tuple[str, ...], str]] = {
                    "metrics score videos (torchmetrics); they never generate, train or log"),
     "cf.bench": (("cf.train", *CLI, *ORCHESTRATION),
                  "the benchmark loads generators from checkpoints; it never imports a training module"),
+    "cf.wan": (("cf.train", "cf.bench", "cf.metrics", *CLI, *ORCHESTRATION),
+               "Wan's readers, text encoder, VAE and generation build on the network, memory, noise process "
+               "and rollout; the CLI calls them, never the reverse"),
+    "cf.generation": (("cf.train", "cf.bench", *CLI, *ORCHESTRATION),
+                      "one generation routine shared by the command, the stage evaluation and the benchmark"),
     "cf.tracking": (("cf.data", "cf.model", "cf.memory", "cf.diffusion", "cf.rollout", "cf.train",
                      "cf.metrics", "cf.bench", *CLI, *ORCHESTRATION),
                     "tracking records what others hand it (params, metrics, artifacts)"),
