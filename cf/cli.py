@@ -69,14 +69,12 @@ def config_from_args(args: argparse.Namespace):
 
 def user_error(e: BaseException) -> str | None:
     """The one-line message for an error that is the user's to fix (None: a bug, keep the traceback)."""
-    from cf.config import ConfigError
     from cf.errors import CfError
     from cf.faults import DiskFullError, disk_full_message, is_disk_full, one_line
-    from cf.registry import UnknownNameError
 
     if is_disk_full(e):
         return one_line(str(e)) if isinstance(e, DiskFullError) else disk_full_message(e)
-    if isinstance(e, (ConfigError, UnknownNameError, CfError)):
+    if isinstance(e, CfError):  # ConfigError and UnknownNameError are CfErrors too
         return one_line(str(e))
     if isinstance(e, OSError) and e.filename is not None:  # a path we were given or write to
         return f"cannot use {str(e.filename)!r}: {e.strerror or e}; check the path and its permissions"

@@ -6,10 +6,12 @@ import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from cf.errors import CfError
+
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(CfError, KeyError):
     """A name that is not in a registry. The message lists the valid names and the closest ones."""
 
     def __init__(self, kind: str, name: str, valid: list[str], hint: str = ""):

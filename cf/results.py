@@ -30,7 +30,7 @@ PARAMS = ("seed", "data.fps")
 GROUP = ["preset", "ablation", "variant", "method", "memory"]
 GENERATOR_STAGES = ("student", "cdmd1", "cdmd2")  # their eval.json: distilled vs untrained (student_stage)
 UNGROUPED = "pipelines"  # the table name of pipelines run outside an ablation grid
-# The teacher's continuation PSNR (dB) on held-out clips, by region (cf.train.continuation).
+# The teacher's continuation PSNR (dB) on held-out clips, by region (cf.evaluation.continuation).
 TEACHER_PSNR = (
     ("psnr_long_all", "long, all"),
     ("psnr_long_mean_all", "long mean, all"),  # expected continuation (x0 at sigma 1)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from cf.memory import policy_knobs
+
 # (cfg, out_dir, inputs: role -> upstream checkpoint, parent_run_id) -> this stage's checkpoint
 StageFn = Callable[[DictConfig, Path, dict[str, Path], "str | None"], Path]
 
@@ -26,14 +28,6 @@ CDMD_STAGE2_ONLY = (
 )
 # bench.* keys that choose entries for `cf bench consistency`, not what one entry measures.
 BENCH_GRID = ("methods", "policies")
-# The memory.* knobs each policy reads; other policies (slowfast, new ones) read them all.
-# full ignores them (positions are absolute either way); sliding keeps a contiguous window, whose
-# bounded positions are a constant shift that rotary attention cannot see.
-POLICY_KNOBS: dict[str, tuple[str, ...]] = {
-    "full": (),
-    "sliding": ("window_frames",),
-    "sink": ("sink_frames", "window_frames", "bounded_positions"),
-}
 
 
 # --- the stage table ----------------------------------------------------------------------------
@@ -63,10 +57,8 @@ def _section(cfg: DictConfig, name: str, drop: tuple[str, ...] = ()) -> dict:
 
 
 def memory_knobs(cfg: DictConfig, policy: str) -> dict:
-    """The memory.* values `policy` reads (memory.policy itself excluded)."""
-    mem = _section(cfg, "memory", drop=("policy",))
-    keep = POLICY_KNOBS.get(policy, tuple(mem))
-    return {k: mem[k] for k in keep}
+    """The memory.* values `policy` reads, as its Config declares them (memory.policy itself excluded)."""
+    return policy_knobs(policy, cfg.memory)
 
 
 def policy_config(cfg: DictConfig) -> dict:

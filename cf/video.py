@@ -214,17 +214,15 @@ def contact_sheet(
 
     Frames are enlarged by `scale` with nearest neighbour so pixels stay crisp.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no backend chosen, nothing global to close
 
     rows = [to_uint8(r) for r in rows]
     n_rows, n_cols = len(rows), max(r.shape[0] for r in rows)
     h, w = rows[0].shape[1:3]
     fig_w = max(4.0, n_cols * w * scale / 100 + 1.5)
     fig_h = max(1.5, n_rows * h * scale / 100 + (0.6 if title else 0.3))
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(fig_w, fig_h), squeeze=False)
+    fig = Figure(figsize=(fig_w, fig_h))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for i, row in enumerate(rows):
         for j in range(n_cols):
             ax = axes[i][j]
@@ -243,5 +241,4 @@ def contact_sheet(
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
     return Path(path)

@@ -76,7 +76,7 @@ def test_euler_follows_the_exact_flow_of_a_gaussian():
         var = a * a * s * s + b * b
         return mu + a * s * s / var * (x_t - a * mu)
 
-    sampler = euler(200, 3.0)
+    sampler = euler(200, 3.0, 1000)
     x = torch.randn(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for i in range(sampler.n_steps):
         x = sampler.step(x, x0_hat(x, sampler.sigmas[i]), i)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cf import curves, pipeline, results, stage_cache, store, tracking
+from cf import curves, pipeline, stage_cache, store, tracking
 from cf.cli import main
 from cf.config import load_config
 from cf.faults import FAILPOINT_ENV, DiskFullError, failpoint, is_disk_full

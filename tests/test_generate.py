@@ -54,8 +54,8 @@ def test_generate_continues_from_world_context(tmp_path):
     ("teacher", ["diffusion.cfg_scale=2.5", "model.text_encoder=none", "model.camera=false"], 1.0),  # nothing
 ])
 def test_generate_takes_its_default_guidance_from_the_role(sampler, overrides, want):
-    from cf.generation import generate
     from cf.config import load_config
+    from cf.generation import generate
     from cf.model import build_model
 
     cfg = load_config("smoke", overrides=overrides)

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1] / "cf"
 # The library's parts (module prefixes), bottom to top. The CLI and the pipeline sit on top of them.
 CLI = ("cf.cli", "cf.commands")
 ORCHESTRATION = ("cf.pipeline", "cf.stages", "cf.stage_cache", "cf.ablation", "cf.results", "cf.progress")
-ABOVE_MODEL = ("cf.memory", "cf.diffusion", "cf.rollout", "cf.train", "cf.metrics", "cf.bench", "cf.tracking")
+ABOVE_MODEL = ("cf.memory", "cf.diffusion", "cf.rollout", "cf.train", "cf.metrics", "cf.bench", "cf.tracking",
+               "cf.evaluation", "cf.generation", "cf.wan")
 
 # importer prefix -> (forbidden prefixes, why). A prefix matches the module and everything under it.
 NEVER: dict[str, tuple[tuple[str, ...], str]] = {
@@ -52,6 +53,8 @@ NEVER: dict[str, tuple[tuple[str, ...], str]] = {
                "and rollout; the CLI calls them, never the reverse"),
     "cf.generation": (("cf.train", "cf.bench", *CLI, *ORCHESTRATION),
                       "one generation routine shared by the command, the stage evaluation and the benchmark"),
+    "cf.evaluation": (("cf.train", "cf.bench", "cf.tracking", *CLI, *ORCHESTRATION),
+                      "an evaluation scores a model and returns numbers; stage runners write and log them"),
     "cf.tracking": (("cf.data", "cf.model", "cf.memory", "cf.diffusion", "cf.rollout", "cf.train",
                      "cf.metrics", "cf.bench", *CLI, *ORCHESTRATION),
                     "tracking records what others hand it (params, metrics, artifacts)"),

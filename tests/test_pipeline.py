@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from cf import pipeline, tracking
 from cf.config import load_config
 from cf.errors import CfError
+from cf.memory import POLICIES, build_policy
 
 NAMES = ["teacher", "teacher_erft", "student", "cdmd1", "cdmd2", "bench"]
 
@@ -85,14 +86,58 @@ def test_memory_policy_change_keeps_the_teacher_through_teacher_memory(tmp_path)
     t_sliding = keys(cfg_for(tmp_path, "teacher.memory=sliding"))["teacher"]
     assert t_sliding != slowfast["teacher"]
     assert keys(cfg_for(tmp_path, "teacher.memory=sliding", "memory.window_frames=6"))["teacher"] != t_sliding
+    # a sliding window reads memory.bounded_positions (a shift rotary attention sees only as rounding)
     assert (
         keys(cfg_for(tmp_path, "teacher.memory=sliding", "memory.bounded_positions=false"))["teacher"]
-        == t_sliding
+        != t_sliding
     )
     assert (
         keys(cfg_for(tmp_path, "teacher.memory=slowfast", "memory.tau=0.5"))["teacher"]
         != keys(cfg_for(tmp_path, "teacher.memory=slowfast"))["teacher"]
     )
+
+
+def _changed(value):
+    """Another valid value of a memory knob of this type."""
+    if isinstance(value, bool):
+        return str(not value).lower()
+    if isinstance(value, int):
+        return str(value + 2)
+    if isinstance(value, float):
+        return str(value / 2)
+    return {"similarity": "uniform", "uniform": "similarity"}[value]
+
+
+@pytest.mark.parametrize("role, stage", [("memory.policy", "student"), ("teacher.memory", "teacher")])
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_each_declared_knob_is_in_the_stage_hash_and_nothing_else(tmp_path, role, stage, policy):
+    """The hash holds exactly the knobs the policy's Config declares: changing one re-runs the stage,
+    changing any other memory.* value (one the policy never reads) reuses it."""
+    cfg = cfg_for(tmp_path, f"{role}={policy}")
+    base = keys(cfg)[stage]
+    declared = {f.name for f in dataclasses.fields(POLICIES.get(policy).Config)}
+    for knob, value in cfg.memory.items():
+        if knob == "policy":
+            continue
+        changed = keys(cfg_for(tmp_path, f"{role}={policy}", f"memory.{knob}={_changed(value)}"))[stage]
+        assert (changed != base) == (knob in declared), (policy, knob)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_a_policy_reads_only_the_knobs_it_declares(policy):
+    """Built from a memory section that refuses every undeclared attribute: a policy reading a knob it
+    does not declare (which the stage hash would then miss) fails here."""
+    mem = load_config("smoke", None, [f"memory.policy={policy}"]).memory
+    declared = {f.name for f in dataclasses.fields(POLICIES.get(policy).Config)}
+
+    class Guarded:
+        def __getattr__(self, name):
+            if name not in declared | {"policy"}:
+                raise AssertionError(f"{policy} read memory.{name}, which its Config does not declare")
+            return mem[name]
+
+    built = build_policy(Guarded(), 2)
+    assert built.name == policy and dataclasses.asdict(built.config) == {k: mem[k] for k in declared}
 
 
 def test_disabled_stages_drop_out_and_the_inputs_rewire(tmp_path):

@@ -102,4 +102,5 @@ def test_seed_tables_go_to_mlflow_and_a_rerun_reuses_the_run(tmp_path):
     assert len(runs) == 1
     m = runs[0].data.metrics
     assert m["seeds/longlive/effective_context_s_ci_hi"] == 3.0 and m["seeds/longlive/n"] == 3
-    assert (m["paired/longlive/effective_context_s"], m["paired/longlive/effective_context_s_ci_lo"]) == (-9.0, -10.0)
+    paired = "paired/longlive/effective_context_s"
+    assert (m[paired], m[paired + "_ci_lo"]) == (-9.0, -10.0)

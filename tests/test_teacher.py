@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 from cf.config import load_config
 from cf.data import WorldDataset
 from cf.diffusion import denoise
-from cf.train.continuation import shift_last
+from cf.evaluation.continuation import shift_last
 from cf.train.teacher import TeacherModule, dense_frames, dense_layout, window_layout
 
 
@@ -309,9 +309,9 @@ def test_mean_continuation_is_the_x0_prediction_from_pure_noise(batch):
     """`mean=True` continues with the teacher's x0 prediction at sigma 1 on its history read: one forward
     of the noise the sampler would start from (the expected continuation PSNR is scored on)."""
     from cf.diffusion import randn_like
+    from cf.evaluation.continuation import _policy, continue_clips
     from cf.memory import KVCache
     from cf.rollout import prefill, read_for_query
-    from cf.train.continuation import _policy, continue_clips
 
     cfg = _cfg()
     torch.manual_seed(0)

@@ -184,8 +184,8 @@ def _load_model(entry: Entry, device):
 
 def _bench_entry(cfg, entry: Entry, seeds: list[int], scorer, extra, device, out_dir: Path, bar) -> dict:
     """Generate and score one entry's videos; returns its per-run row, per-video rows, curves, files."""
-    from cf.generation import generate
     from cf.data.world import World
+    from cf.generation import generate
     from cf.metrics import FirstFrameConsistency, embed_frames
     from cf.rollout import ChunkTimer
     from cf.video import to_uint8

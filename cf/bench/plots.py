@@ -18,21 +18,19 @@ from cf.errors import CfError
 from cf.utils import atomic_path
 
 
-def _pyplot():
-    import matplotlib
+def _figure(nrows: int, ncols: int, figsize: tuple[float, float]):
+    """A Figure and its axes grid, without pyplot: nothing global changes (no backend is chosen, so
+    inline plots in a notebook keep working after a call) and nothing needs closing."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
 def _save(fig, path: str | Path) -> Path:
-    plt = _pyplot()
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
     return Path(path)
 
 
@@ -41,8 +39,7 @@ def first_frame_vs_time(df: pd.DataFrame, path: str | Path) -> Path:
     cols = tables.first_frame_columns(df)
     if not cols:
         raise CfError("first_frame_vs_time: no first_frame_<backbone>_at_<T>s columns in the rows")
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(cols), figsize=(5.5 * len(cols), 3.8), squeeze=False)
+    fig, axes = _figure(1, len(cols), (5.5 * len(cols), 3.8))
     for ax, (backbone, series) in zip(axes[0], cols.items()):
         t = [s for s, _ in series]
         for _, row in df.iterrows():
@@ -63,8 +60,7 @@ def revisit_vs_lag(df: pd.DataFrame, path: str | Path) -> Path:
     ret = tables.revisit_bins(df, "retention")
     if not ret:
         raise CfError("revisit_vs_lag: no revisit_retention_lag_<lo>-<hi>s columns in the rows")
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.0), squeeze=False)
+    fig, axes = _figure(1, 2, (12, 4.0))
 
     def centre(lo, hi):
         return np.sqrt(max(lo, 0.25) * hi) if np.isfinite(hi) else 1.25 * lo

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 from cf.config.schema import Config
+from cf.errors import CfError
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS = ROOT / "experiments"
@@ -51,7 +53,7 @@ POSITIVE = (
     "cdmd.stage2_steps", "trainer.max_minutes", "student.max_minutes", "cdmd.stage1_max_minutes",
     "cdmd.stage2_max_minutes", "model.channels", "model.ffn_dim", "model.text_tokens", "model.vocab_size",
     "model.text_dim", "model.rope_theta", "model.video_frames_per_latent", "data.eval_clips",
-    "data.pano_frames", "diffusion.num_timesteps", "diffusion.teacher_steps", "diffusion.prediction_eps",
+    "data.pano_frames", "diffusion.num_timesteps", "diffusion.teacher_steps",
     "teacher.target_chunks", "erft.bins", "erft.bank_size", "erft.collect_every", "student.ode_pairs",
     "student.rollout_chunks", "student.eval_videos", "student.eval_seconds", "cdmd.short_chunks",
     "cdmd.long_chunks_start", "cdmd.long_chunks_end", "cdmd.dmd_shift", "bench.seconds", "bench.segment_s",
@@ -65,7 +67,7 @@ PROBABILITY = ("teacher.cond_drop", "erft.p_history", "erft.p_target", "erft.p_n
 MAY_BE_NEGATIVE = ("seed", "data.seed", "data.eval_seed", "bench.seeds", "trainer.devices", "memory.tau")
 
 
-class ConfigError(ValueError):
+class ConfigError(CfError, ValueError):
     """A config that cannot be used; the message names the key, the value and the fix."""
 
 

@@ -103,7 +103,6 @@ class MemoryConfig:
 @dataclass
 class DiffusionConfig:
     num_timesteps: int = 1000
-    prediction_eps: float = 1e-4
     train_shift: float = 3.0  # timestep sampling shift for teacher training
     sample_shift: float = 3.0  # sigma-schedule shift for the teacher's multi-step sampler
     teacher_steps: int = 12

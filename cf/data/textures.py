@@ -10,6 +10,8 @@ import functools
 
 import numpy as np
 
+from cf.errors import CfError
+
 # Saturated colours with names, so a prompt can say what is where. Landmarks and subjects use
 # them pure; background textures use them muted (`mute`), so landmarks stand out.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -67,7 +69,7 @@ def shape_mask(shape: str, size: int) -> np.ndarray:
     elif shape == "hexagon":
         m = (ay <= 0.82) & (ax * 0.866 + ay * 0.5 <= 0.82)
     else:
-        raise ValueError(f"unknown shape {shape!r}; valid shapes: {', '.join(SHAPES)}")
+        raise CfError(f"unknown shape {shape!r}; valid shapes: {', '.join(SHAPES)}")
     m.setflags(write=False)
     return m
 
@@ -112,7 +114,7 @@ def pattern_fill(pattern: str, size: int, colour: tuple[int, int, int]) -> np.nd
     elif pattern == "dotted":
         alt = (y % 3 == 1) & (x % 3 == 1)
     else:
-        raise ValueError(f"unknown pattern {pattern!r}; valid patterns: {', '.join(PATTERNS)}")
+        raise CfError(f"unknown pattern {pattern!r}; valid patterns: {', '.join(PATTERNS)}")
     return np.where(alt[..., None], dark, base).astype(np.uint8)
 
 
@@ -153,7 +155,7 @@ def procedural(kind: str, h: int, w: int, rng: np.random.Generator) -> tuple[np.
         period = int(rng.integers(4, 9))
         v = (np.hypot(x % period - period / 2, y % period - period / 2) < period / 3).astype(np.float32)
     else:
-        raise ValueError(f"unknown texture {kind!r}; valid textures: {', '.join(PROCEDURAL)}")
+        raise CfError(f"unknown texture {kind!r}; valid textures: {', '.join(PROCEDURAL)}")
     a, b = mute(PALETTE[COLOURS[c1]]), mute(PALETTE[COLOURS[c2]])
     rgb = a * (1.0 - v[..., None]) + b * v[..., None]
     return np.clip(rgb + 0.5, 0, 255).astype(np.uint8), f"{COLOURS[c1]}-and-{COLOURS[c2]} {kind}"
@@ -165,7 +167,7 @@ def load_photo(name: str) -> np.ndarray:
     import skimage.data
 
     if name not in PHOTOS:
-        raise ValueError(f"unknown photo {name!r}; valid photos: {', '.join(PHOTOS)}")
+        raise CfError(f"unknown photo {name!r}; valid photos: {', '.join(PHOTOS)}")
     return np.ascontiguousarray(getattr(skimage.data, name)())
 
 
@@ -206,7 +208,7 @@ def panorama(h: int, w: int, frame_w: int, mode: str,
     regions' descriptions, left to right.
     """
     if mode not in ("procedural", "photo", "mixed"):
-        raise ValueError(f"unknown texture mode {mode!r}; valid modes: procedural, photo, mixed")
+        raise CfError(f"unknown texture mode {mode!r}; valid modes: procedural, photo, mixed")
     out = np.empty((h, w, 3), np.uint8)
     words: list[str] = []
     x, previous = 0, None

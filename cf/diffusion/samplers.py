@@ -39,9 +39,8 @@ class Sampler:
         return x0 + (s_next / s) * (x_t - x0)
 
 
-def euler(steps: int, shift: float, num_timesteps: int = 1000) -> Sampler:
-    """The teacher's Euler ODE. num_timesteps: pass `diffusion.num_timesteps` (`build_sampler` does);
-    the default is that key's default, for callers that build a sampler without a config."""
+def euler(steps: int, shift: float, num_timesteps: int) -> Sampler:
+    """The teacher's Euler ODE; num_timesteps is `diffusion.num_timesteps` (the network's timestep scale)."""
     return Sampler(tuple(teacher_sigmas(steps, shift)), renoise=False, num_timesteps=num_timesteps)
 
 

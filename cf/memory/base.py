@@ -1,25 +1,48 @@
 """Memory policies: what the cache keeps after a chunk, and what (with which positions) a query reads.
 
-A policy is a small object built from `MemoryConfig` plus a state it never owns: the cache holds
-the state, the policy answers two questions about it (`admit`: given new frames, which frames to
-forget; `layout`: which held frames a query reads, at which RoPE time positions). Frames are named
-by their absolute index in the video. Because the answers depend only on the sequence of frames
-(not on how writes were grouped), `plan` can replay them without a cache: what the teacher needs.
+A policy is a small object built from its own typed config (the `memory.*` knobs it reads, declared
+once: `Policy.Config`) plus a state it never owns: the cache holds the state, the policy answers two
+questions about it (`admit`: given new frames, which frames to forget; `layout`: which held frames a
+query reads, at which RoPE time positions). Frames are named by their absolute index in the video.
+Because the answers depend only on the sequence of frames (not on how writes were grouped), `plan`
+can replay them without a cache: what the teacher needs.
 
-Windowed policies share one state machine: a sink of the first `sink` frames, a slow memory of
-up to `slow` promoted frames, and a fast FIFO. Window sizes count the frames a query chunk can
-attend to INCLUDING its own chunk, so the FIFO holds `window - frames_per_chunk` history frames.
+The windowed policies share one state machine, this module's: a sink of the first `sink` frames and
+a fast FIFO; `slowfast.py` adds the slow memory that frames leaving the FIFO may be promoted to.
+Window sizes count the frames a query chunk can attend to INCLUDING its own chunk, so the FIFO holds
+`window - frames_per_chunk` history frames.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from cf.errors import CfError
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The `memory.*` knobs one policy reads: its subclasses' fields, nothing else.
+
+    The pipeline hashes exactly these (`knobs`) into the cache identity of every stage whose rollouts
+    go through the policy, so a knob is declared once, here, and cannot drift from what the policy reads.
+    """
+
+    @classmethod
+    def from_memory(cls, memory_cfg: Any, **override: Any) -> PolicyConfig:
+        """Pick this config's fields from a `memory` section (any object with those attributes);
+        `override` replaces some of them (a role's own window, say) without touching the section."""
+        config = cls(**{f.name: getattr(memory_cfg, f.name) for f in dataclasses.fields(cls)})
+        return dataclasses.replace(config, **override)
+
+    def knobs(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -40,7 +63,7 @@ class ReadPlan:
 class MemoryState:
     n: int = 0  # frames admitted so far = absolute index of the next frame
     sink: list[int] = field(default_factory=list)
-    slow: list[int] = field(default_factory=list)
+    slow: list[int] = field(default_factory=list)  # promoted frames (slowfast; empty otherwise)
     fast: deque = field(default_factory=deque)
     candidate_keys: dict[int, Tensor] = field(default_factory=dict)  # mean keys [B, Dk] of fast candidates
     last_key: Tensor | None = None  # mean key of the last promoted frame [B, Dk]
@@ -48,25 +71,29 @@ class MemoryState:
 
 
 class MemoryPolicy:
-    """Base: the windowed state machine (sink + slow + fast). Subclasses configure it."""
+    """Base: the windowed state machine (a sink and a fast FIFO). Subclasses configure it and may
+    extend what happens to a frame entering (`_entered`) or leaving (`_leave`) the FIFO."""
 
     name = ""
-    needs_keys = False  # True when admit needs the frames' mean keys (similarity promotion)
+    Config: ClassVar[type[PolicyConfig]] = PolicyConfig
 
-    def __init__(self, *, frames_per_chunk: int, sink: int, slow: int, window: int, bounded: bool,
-                 promotion: str = "uniform", tau: float = 1.0, promote_every: int = 1,
-                 promote_after: int = 0, window_key: str = "memory.window_frames"):
+    def __init__(self, config: PolicyConfig, frames_per_chunk: int, *, sink: int, window: int, bounded: bool,
+                 slow: int = 0, window_key: str = "memory.window_frames"):
         if window < frames_per_chunk:
             raise CfError(
                 f"{window_key}={window} is smaller than model.frames_per_chunk={frames_per_chunk}: the "
                 f"window counts the frames a chunk attends to including itself; "
                 f"set {window_key} >= {frames_per_chunk}"
             )
+        self.config = config
         self.chunk, self.sink, self.slow, self.window = frames_per_chunk, sink, slow, window
         self.fast = window - frames_per_chunk  # history frames the FIFO keeps for the next chunk
-        self.bounded, self.promotion, self.tau = bounded, promotion, tau
-        self.promote_every, self.promote_after = promote_every, promote_after
-        self.needs_keys = slow > 0 and promotion == "similarity"
+        self.bounded = bounded
+
+    @property
+    def needs_keys(self) -> bool:
+        """True when `admit` needs the frames' mean keys (similarity promotion)."""
+        return False
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -98,8 +125,7 @@ class MemoryPolicy:
                 state.sink.append(f)
                 continue
             state.fast.append(f)
-            if self.needs_keys and self._is_candidate(f):
-                state.candidate_keys[f] = mean_keys[:, j].detach()
+            self._entered(state, f, None if mean_keys is None else mean_keys[:, j])
             while len(state.fast) > self.fast:
                 dropped.extend(self._leave(state, state.fast.popleft()))
         state.n += n_new
@@ -128,27 +154,10 @@ class MemoryPolicy:
         as_long = lambda xs: torch.tensor(xs, dtype=torch.long)
         return ReadPlan(indices=as_long(frames), positions=as_long(pos), query_positions=as_long(qpos))
 
-    # ------------------------------------------------------------------ promotion
-    def _is_candidate(self, f: int) -> bool:
-        """The first frame of every `promote_every`-th chunk, from `promote_after` on, outside the sink."""
-        return (self.slow > 0 and f % self.chunk == 0 and (f // self.chunk) % self.promote_every == 0
-                and f >= max(self.promote_after, self.sink))
+    # ------------------------------------------------------------------ hooks
+    def _entered(self, state: MemoryState, f: int, mean_key: Tensor | None) -> None:
+        """Frame f entered the fast FIFO (mean_key [B, Dk] when the caller had it)."""
 
     def _leave(self, state: MemoryState, f: int) -> list[int]:
-        """Frame f leaves the fast window: promote it to the slow memory or forget it."""
-        key = state.candidate_keys.pop(f, None)
-        if not (self._is_candidate(f) and self._promote(state, key)):
-            return [f]
-        state.slow.append(f)
-        state.promoted.append(f)
-        if self.needs_keys:
-            state.last_key = key
-        return [state.slow.pop(0)] if len(state.slow) > self.slow else []
-
-    def _promote(self, state: MemoryState, key: Tensor | None) -> bool:
-        if self.promotion == "uniform" or state.last_key is None:
-            return True
-        # one decision for the batch (and all layers): the batch-mean cosine, exactly the
-        # paper's rule at batch 1. One host sync per check, i.e. every promote_every chunks.
-        cos = torch.nn.functional.cosine_similarity(key.float(), state.last_key.float(), dim=-1).mean()
-        return bool(cos < self.tau)
+        """Frame f leaves the fast FIFO; return the frames forgotten (here: f)."""
+        return [f]

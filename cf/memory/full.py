@@ -1,16 +1,24 @@
-"""`full`: keep every frame; each keeps its absolute time index (bounded or not, they coincide)."""
+"""`full`: keep every frame, each at its absolute time index. It reads no knob: bounded positions
+of the whole history from frame 0 are the absolute ones."""
 
 from __future__ import annotations
 
-from cf.memory.base import MemoryPolicy, MemoryState
+from dataclasses import dataclass
+
+from cf.memory.base import MemoryPolicy, MemoryState, PolicyConfig
+
+
+@dataclass(frozen=True)
+class FullConfig(PolicyConfig):
+    pass
 
 
 class FullPolicy(MemoryPolicy):
     name = "full"
+    Config = FullConfig
 
-    def __init__(self, memory_cfg, frames_per_chunk: int):
-        super().__init__(frames_per_chunk=frames_per_chunk, sink=0, slow=0, window=frames_per_chunk,
-                         bounded=memory_cfg.bounded_positions)
+    def __init__(self, config: FullConfig, frames_per_chunk: int):
+        super().__init__(config, frames_per_chunk, sink=0, window=frames_per_chunk, bounded=False)
 
     @property
     def capacity(self) -> int | None:

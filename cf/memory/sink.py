@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from cf.memory.base import MemoryPolicy
+from dataclasses import dataclass
+
+from cf.memory.base import MemoryPolicy, PolicyConfig
+
+
+@dataclass(frozen=True)
+class SinkConfig(PolicyConfig):
+    sink_frames: int
+    window_frames: int
+    bounded_positions: bool
 
 
 class SinkPolicy(MemoryPolicy):
     name = "sink"
+    Config = SinkConfig
 
-    def __init__(self, memory_cfg, frames_per_chunk: int):
-        super().__init__(frames_per_chunk=frames_per_chunk, sink=memory_cfg.sink_frames, slow=0,
-                         window=memory_cfg.window_frames, bounded=memory_cfg.bounded_positions)
+    def __init__(self, config: SinkConfig, frames_per_chunk: int):
+        super().__init__(config, frames_per_chunk, sink=config.sink_frames, window=config.window_frames,
+                         bounded=config.bounded_positions)

@@ -1,4 +1,5 @@
-"""What every training stage shares: optimizer, schedule, EMA, resumable randomness, the Trainer.
+"""What every training stage shares: optimizer, schedule, EMA and resumable randomness (from `cf.train.ema`),
+the Trainer, the stage skeleton (`run_stage`).
 
 A stage module stays thin; it gets the rest from here:
 
@@ -28,19 +29,18 @@ Checkpoints hold tensors and plain values only (the config travels as a YAML str
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import math
+import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from omegaconf import DictConfig
-from torch import nn
+from omegaconf import DictConfig, OmegaConf
 
+from cf import tracking
 from cf.config.load import ConfigError, to_yaml
 from cf.errors import CfError
 from cf.train.callbacks import (
@@ -52,6 +52,7 @@ from cf.train.callbacks import (
     WallClockStop,
 )
 from cf.train.checkpoints import export_safetensors, load_checkpoint, load_module_weights  # noqa: F401
+from cf.train.ema import EMA, EMACheckpoint, step_generator  # noqa: F401
 from cf.train.recovery import nonfinite_hint, recover_checkpoint
 from cf.utils import set_threads
 
@@ -125,118 +126,6 @@ def adamw_with_schedule(
         "optimizer": opt,
         "lr_scheduler": {"scheduler": build_scheduler(opt, trainer_cfg, total_steps), "interval": "step"},
     }
-
-
-class EMA:
-    """Exponential moving average of a module's parameters: `shadow <- d * shadow + (1 - d) * param`.
-
-    With decay 0 it is off: `update`, `copy_to` and `average_parameters` do nothing, and the live
-    weights are the answer. The shadow follows the parameters' device and dtype lazily, so it can
-    be built in `__init__`, before Lightning moves or casts the module.
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        if not 0.0 <= decay < 1.0:
-            raise ConfigError(f"EMA decay={decay} must be in [0, 1) (0 disables the EMA), e.g. 0.999")
-        self.decay, self.num_updates = float(decay), 0
-        self.shadow: dict[str, torch.Tensor] = (
-            {n: p.detach().clone() for n, p in model.named_parameters()} if self.enabled else {}
-        )
-
-    @property
-    def enabled(self) -> bool:
-        return self.decay > 0
-
-    def _pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        params = dict(model.named_parameters())
-        if params.keys() != self.shadow.keys():
-            missing, extra = params.keys() - self.shadow.keys(), self.shadow.keys() - params.keys()
-            raise ValueError(
-                f"EMA was built for another model: missing {sorted(missing)[:5]}, "
-                f"unexpected {sorted(extra)[:5]}"
-            )
-        for n, p in params.items():
-            s = self.shadow[n]
-            if s.device != p.device or s.dtype != p.dtype:
-                self.shadow[n] = s.to(device=p.device, dtype=p.dtype)
-        names = list(params)
-        return [self.shadow[n] for n in names], [params[n].detach() for n in names]
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        if not self.enabled:
-            return
-        shadow, params = self._pairs(model)
-        torch._foreach_lerp_(shadow, params, 1.0 - self.decay)
-        self.num_updates += 1
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        """Overwrite the model's parameters with the averages."""
-        if not self.enabled:
-            return
-        shadow, params = self._pairs(model)
-        torch._foreach_copy_(params, shadow)
-
-    @contextlib.contextmanager
-    def average_parameters(self, model: nn.Module) -> Iterator[nn.Module]:
-        """Run the block with the averaged weights in `model`, then put the live ones back."""
-        if not self.enabled:
-            yield model
-            return
-        live = [p.detach().clone() for p in model.parameters()]
-        self.copy_to(model)
-        try:
-            yield model
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_([p.detach() for p in model.parameters()], live)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": dict(self.shadow)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["shadow"].keys() != self.shadow.keys():
-            raise ValueError(
-                f"EMA state does not match this model: {len(state['shadow'])} saved entries vs "
-                f"{len(self.shadow)} here (was the EMA decay 0 when it was saved?)"
-            )
-        self.shadow = {k: v.detach().clone() for k, v in state["shadow"].items()}
-        self.num_updates = int(state["num_updates"])
-
-
-class EMACheckpoint:
-    """Mixin for a LightningModule whose `self.ema` (an `EMA`) travels in its checkpoints.
-
-    List it before LightningModule (`class M(EMACheckpoint, LightningModule)`): the averages are saved
-    under `ckpt["ema"]` and restored on resume, which `load_module_weights(..., ema_key="ema")` reads.
-    """
-
-    ema: EMA
-
-    def on_save_checkpoint(self, ckpt: dict) -> None:
-        ckpt["ema"] = self.ema.state_dict()
-
-    def on_load_checkpoint(self, ckpt: dict) -> None:
-        if "ema" in ckpt:
-            self.ema.load_state_dict(ckpt["ema"])
-
-
-def step_generator(
-    seed: int, step: int, rank: int | None = None, device: torch.device | str = "cpu", stream: int = 0
-) -> torch.Generator:
-    """A torch.Generator that is a pure function of (seed, step, rank, stream): resumable randomness.
-
-    Draw a training step's random numbers from it (timesteps, noise, rollout choices) and a
-    resumed run draws exactly what an uninterrupted one would have, since global_step is in the
-    checkpoint. `rank=None` gives the same numbers on every rank: use it for choices the ranks
-    must agree on (CDMD's exit step, rollout length); pass `self.global_rank` for per-rank draws
-    (noise). `stream` separates independent uses within one step.
-    """
-    key = f"{seed}/{step}/{'shared' if rank is None else int(rank)}/{stream}".encode()
-    g = torch.Generator(device=device)
-    g.manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1))
-    return g
 
 
 # --- the Trainer --------------------------------------------------------------------------------
@@ -400,4 +289,48 @@ def fit(
         warnings.filterwarnings("ignore", message=".*`val_dataloader` but have no `validation_step`.*")
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
         trainer.fit(module, ckpt_path=last if last.is_file() else None, weights_only=True, **data)
+    return last
+
+
+# --- the stage skeleton -------------------------------------------------------------------------
+
+
+def wall_clock(cfg: DictConfig, key: str) -> list:
+    """A wall-clock stop for a stage from config key `key` (e.g. student.max_minutes), if set."""
+    missing = object()
+    minutes = OmegaConf.select(cfg, key, default=missing)
+    if minutes is missing:  # a misspelt key must not read as "no limit"
+        raise CfError(f"no config key {key!r} for a stage's wall-clock limit (a typo in the stage runner?)")
+    if minutes is not None and minutes <= 0:
+        raise CfError(f"{key}={minutes} must be positive, or null for no limit")
+    return [] if minutes is None else [WallClockStop(minutes)]
+
+
+def run_stage(
+    cfg: DictConfig,
+    out_dir: str | Path,
+    stage: str,
+    module: LightningModule,
+    data: Callable[[], LightningDataModule | Any],
+    *,
+    max_steps: int,
+    parent_run_id: str | None = None,
+    callbacks: Iterable = (),
+    clock: str | None = None,
+    evaluate: Callable[[int, float], Any] | None = None,
+    **trainer_kw: Any,
+) -> Path:
+    """What every training stage does once its module is built (seeded, weights loaded): open its MLflow
+    run, build its data (`data()`, inside the run so what it logs lands there), a Trainer (stopped by the
+    wall clock of config key `clock` too), fit (resuming from `<out_dir>/<stage>/last.ckpt`), then on
+    rank zero `evaluate(global_step, train_seconds)`. Returns the checkpoint path."""
+    with tracking.start_run(cfg, stage, parent_run_id=parent_run_id) as run:
+        datamodule = data()
+        stops = wall_clock(cfg, clock) if clock else []
+        trainer = make_trainer(cfg, out_dir, stage, callbacks=[*stops, *callbacks],
+                               logger=run.lightning_logger(), max_steps=max_steps, **trainer_kw)
+        t0 = time.monotonic()
+        last = fit(trainer, module, datamodule, out_dir, stage)
+        if evaluate is not None and trainer.is_global_zero:
+            evaluate(trainer.global_step, time.monotonic() - t0)
     return last

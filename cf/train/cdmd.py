@@ -27,7 +27,6 @@ runs everything else without gradient and writes its cache without gradient).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import lightning.pytorch as pl
@@ -46,10 +45,11 @@ from cf.diffusion import (
     sample_sigma,
 )
 from cf.errors import CfError
-from cf.memory import KVCache, MemoryPolicy, build_policy
+from cf.memory import KVCache, MemoryPolicy
 from cf.model import CausalVideoDiT, Cond
 from cf.rollout import prefill, rollout, teacher_forced
 from cf.train.base import EMA, EMACheckpoint, build_optimizer, step_generator
+from cf.train.memories import Memories
 from cf.train.student import check_context
 
 STAGES = {1: "cdmd1", 2: "cdmd2"}
@@ -143,23 +143,6 @@ def check_config(cfg) -> None:
         raise CfError(f"cdmd.dmd_shift={c.dmd_shift} must be positive (1 = no shift)")
 
 
-def score_reading(cfg) -> tuple[MemoryPolicy, int]:
-    """How the teacher and the critic read the generated history: (policy, how far back it reaches).
-
-    `cdmd.teacher_history=policy`: the whole history through the run's memory policy (the paper).
-    `window`: only the last `teacher.context_frames` frames (whole chunks) before each chunk, a
-    sliding window of the length the teacher was trained with: a short, memoryless teacher, as in
-    LongLive and the released Context Forcing code (which feeds its teacher the last 21 latents).
-    """
-    chunk = cfg.model.frames_per_chunk
-    if cfg.cdmd.teacher_history == "policy":
-        return build_policy(cfg.memory, chunk), 10**9
-    reach = (cfg.teacher.context_frames // chunk) * chunk
-    mem = copy.deepcopy(cfg.memory)
-    mem.policy, mem.window_frames = "sliding", reach + chunk
-    return build_policy(mem, chunk), reach
-
-
 # ---------------------------------------------------------------------- the DMD math
 
 
@@ -249,9 +232,10 @@ class CDMDModule(EMACheckpoint, pl.LightningModule):
         self.critic = CausalVideoDiT(cfg.model, cfg.data)
         self.teacher = CausalVideoDiT(cfg.model, cfg.data).requires_grad_(False)
         self.chunk = cfg.model.frames_per_chunk
-        self.policy = build_policy(cfg.memory, self.chunk)  # the student's memory
-        # how the teacher and the critic read the generated history (see the module doc)
-        self.score_policy, self.short_history = score_reading(cfg)
+        memories = Memories.from_config(cfg)
+        self.policy = memories.student
+        # how the teacher and the critic read the generated history (cf.train.memories)
+        self.score_policy, self.score_reach = memories.score, memories.score_reach
         self.sampler = build_sampler(cfg.diffusion, "student")
         self.guidance = guidance_scale(cfg, REAL_SCORE_1 if stage == 1 else REAL_SCORE_2)
         self.ema = EMA(self.net, cfg.cdmd.ema)
@@ -332,7 +316,8 @@ class CDMDModule(EMACheckpoint, pl.LightningModule):
     def _window_inputs(self, batch: dict, video: Tensor, plan: RolloutPlan, step: int):
         """(first window frame, history start for teacher and critic, sigma [B], noise of the window)."""
         first = video.shape[1] - plan.window * self.chunk
-        start = max(0, first - self.short_history)  # frames before `start` are out of every read
+        # frames before `start` are out of every read
+        start = 0 if self.score_reach is None else max(0, first - self.score_reach)
         g = step_generator(self.cfg.seed, step, self.global_rank, stream=2)
         sigma = dmd_sigma(video.shape[0], self.cfg.cdmd, self.cfg.diffusion.num_timesteps, g, self.device)
         noise = torch.randn(video[:, first:].shape, generator=g, dtype=torch.float32).to(video)
@@ -368,10 +353,3 @@ class CDMDModule(EMACheckpoint, pl.LightningModule):
         )
         per_sample = (x0.float() - video[:, first:].float()).pow(2).flatten(1).mean(1)
         return (loss_weight(sigma, self.cfg.model) * per_sample).mean(), {}
-
-    def ema_net(self) -> CausalVideoDiT:
-        """A copy of the generator with the EMA weights (what evaluation and the next stage use)."""
-        net = copy.deepcopy(self.net)
-        if self.ema.enabled:
-            self.ema.copy_to(net)
-        return net.eval()

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from cf.config.load import ConfigError
+
 
 class ResidualBank(nn.Module):
     """`bins` timestep bins x `size` residual frames of `dim` values each.
@@ -31,7 +33,7 @@ class ResidualBank(nn.Module):
                  dtype: torch.dtype = torch.float16):
         super().__init__()
         if bins < 1 or size < 1:
-            raise ValueError(f"residual bank needs bins >= 1 and size >= 1, got bins={bins}, size={size}")
+            raise ConfigError(f"residual bank needs bins >= 1 and size >= 1, got bins={bins}, size={size}")
         self.bins, self.size, self.frame_shape = bins, size, tuple(frame_shape)
         dim = int(torch.tensor(frame_shape).prod())
         self.register_buffer("residuals", torch.zeros(bins, size, dim, dtype=dtype))

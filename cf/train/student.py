@@ -11,20 +11,18 @@ that DMD starts from a generator that already makes sensible videos in a few ste
 
 from __future__ import annotations
 
-import copy
-
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
 from cf.diffusion import ODE_TARGETS, Sampler, build_sampler, guidance_scale
 from cf.errors import CfError
-from cf.memory import KVCache, build_policy
+from cf.memory import KVCache
 from cf.model import CausalVideoDiT
 from cf.rollout import RolloutCallback, prefill, rollout, teacher_forced
 from cf.train.base import EMA, EMACheckpoint, adamw_with_schedule, step_generator
 from cf.train.conditions import ConditionStream
-from cf.train.teacher import teacher_policy
+from cf.train.memories import Memories
 
 
 class TrajectoryRecorder(RolloutCallback):
@@ -86,7 +84,7 @@ def sample_ode_pairs(
     stream = ConditionStream(cfg.data, frames=s.rollout_chunks * chunk, context=s.context_frames)
     sampler = build_sampler(cfg.diffusion, "teacher")
     levels = student_levels(build_sampler(cfg.diffusion, "student"))
-    policy = teacher_policy(cfg)
+    policy = Memories.from_config(cfg).teacher
     guidance = guidance_scale(cfg, ODE_TARGETS)
     device = next(teacher.parameters()).device
     out: dict[str, list[Tensor]] = {"context": [], "video": [], "states": [], "camera": []}
@@ -137,7 +135,7 @@ class StudentModule(EMACheckpoint, pl.LightningModule):
         self.cfg = cfg
         self.net = CausalVideoDiT(cfg.model, cfg.data)
         self.chunk = cfg.model.frames_per_chunk
-        self.policy = build_policy(cfg.memory, self.chunk)
+        self.policy = Memories.from_config(cfg).student
         self.register_buffer(
             "levels", torch.tensor(student_levels(build_sampler(cfg.diffusion, "student"))), persistent=False
         )
@@ -199,10 +197,3 @@ class StudentModule(EMACheckpoint, pl.LightningModule):
             if bool((level == i).any())
         }
         return per_sample.mean(), logs
-
-    def ema_net(self) -> CausalVideoDiT:
-        """A copy of the network with the EMA weights (what evaluation and the next stage use)."""
-        net = copy.deepcopy(self.net)
-        if self.ema.enabled:
-            self.ema.copy_to(net)
-        return net.eval()

@@ -15,8 +15,6 @@ x0 errors and perturbs history, target and noise with them (cf.train.erft).
 
 from __future__ import annotations
 
-import copy
-
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
@@ -27,15 +25,9 @@ from cf.memory import POLICIES, build_policy
 from cf.model import CausalVideoDiT, Cond
 from cf.train.base import EMA, EMACheckpoint, adamw_with_schedule, step_generator
 from cf.train.erft import ResidualBank, draw_injection
+from cf.train.memories import Memories
 
 LOSS_BINS = 4  # per-noise-level losses logged as teacher/loss_sigma<k>
-
-
-def teacher_policy(cfg):
-    """The policy the teacher reads its history through (`teacher.memory`, other knobs from memory.*)."""
-    mem = copy.deepcopy(cfg.memory)
-    mem.policy = cfg.teacher.memory
-    return build_policy(mem, cfg.model.frames_per_chunk)
 
 
 def replayed_read(policy, n_hist: int, n_query: int) -> Tensor | None:
@@ -130,9 +122,7 @@ def refuse_teacher_memory(cfg, policy, min_hist: int, max_hist: int) -> CfError:
     """The error for a teacher.memory the one-forward training cannot replay: why, and what works."""
     accepted = []
     for name in POLICIES:
-        mem = copy.deepcopy(cfg.memory)
-        mem.policy = name
-        other = build_policy(mem, cfg.model.frames_per_chunk)
+        other = build_policy(cfg.memory, cfg.model.frames_per_chunk, policy=name)
         if teacher_layouts(cfg, other, min_hist, max_hist) is not None:
             accepted.append(name)
     why = ("it promotes frames by the similarity of mean keys that only a cache computes, chunk by chunk "
@@ -158,7 +148,7 @@ class TeacherModule(EMACheckpoint, pl.LightningModule):
         super().__init__()
         self.cfg = cfg
         self.net = CausalVideoDiT(cfg.model, cfg.data)
-        self.policy = teacher_policy(cfg)
+        self.policy = Memories.from_config(cfg).teacher
         self.chunk = cfg.model.frames_per_chunk
         self.n_target = cfg.teacher.target_chunks * self.chunk
         need = cfg.teacher.context_frames + self.n_target
@@ -287,10 +277,3 @@ class TeacherModule(EMACheckpoint, pl.LightningModule):
         bins = (sigma.float() * LOSS_BINS).long().clamp_max(LOSS_BINS - 1)
         return {f"teacher/loss_sigma{k}": per_sample[bins == k].mean()
                 for k in range(LOSS_BINS) if bool((bins == k).any())}
-
-    def ema_net(self) -> CausalVideoDiT:
-        """A copy of the network with the EMA weights (what sampling and the next stage use)."""
-        net = copy.deepcopy(self.net)
-        if self.ema.enabled:
-            self.ema.copy_to(net)
-        return net.eval()

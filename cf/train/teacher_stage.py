@@ -1,7 +1,7 @@
 """Running the teacher stages: `teacher` (flow matching) and `teacher_erft` (resumes from it with ERFT).
 
 Each stage: train (resuming from its own last.ckpt after a kill), then evaluate the EMA network's
-continuation of held-out clips (cf.train.continuation), write `eval.json`, a contact sheet and a
+continuation of held-out clips (cf.evaluation.continuation), write `eval.json`, a contact sheet and a
 sample video into `<out>/<stage>/`, and log all of it to the stage's MLflow run.
 """
 
@@ -17,8 +17,8 @@ from cf import tracking
 from cf.data import WorldDataset
 from cf.data.datamodule import VideoDataModule
 from cf.errors import CfError
-from cf.train.base import ckpt_path, fit, load_module_weights, make_trainer
-from cf.train.continuation import evaluate
+from cf.evaluation.continuation import evaluate
+from cf.train.base import ckpt_path, load_module_weights, run_stage
 from cf.train.teacher import TeacherModule
 from cf.utils import atomic_write_json, seed_everything
 from cf.video import contact_sheet, write_video
@@ -51,13 +51,13 @@ def train_teacher(cfg, out_dir: str | Path, stage: str = "teacher", evaluate_aft
                                                if k in dict(module.net.named_parameters())},
                                     "num_updates": 0, "decay": cfg.trainer.ema})
     steps = cfg.erft.steps if erft else cfg.trainer.max_steps
-    with tracking.start_run(cfg, stage, parent_run_id=parent_run_id) as run:
-        trainer = make_trainer(cfg, out_dir, stage, callbacks=callbacks, logger=run.lightning_logger(),
-                               max_steps=steps)
-        last = fit(trainer, module, VideoDataModule(cfg), out_dir, stage)
-        if evaluate_after and trainer.is_global_zero:
-            report(module, cfg, out_dir / stage, trainer.global_step)
-    return last
+
+    def after(step: int, seconds: float) -> None:
+        report(module, cfg, out_dir / stage, step)
+
+    return run_stage(cfg, out_dir, stage, module, lambda: VideoDataModule(cfg), max_steps=steps,
+                     parent_run_id=parent_run_id, callbacks=callbacks,
+                     evaluate=after if evaluate_after else None)
 
 
 def eval_batches(cfg, n_clips: int):

@@ -18,7 +18,6 @@ content), and by age bins (the revisit-error-vs-lag curve), through `cf.metrics.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -26,6 +25,7 @@ from torch import Tensor
 
 from cf.diffusion import build_sampler, euler
 from cf.diffusion.guidance import TEACHER, guidance_scale
+from cf.errors import CfError
 from cf.memory import KVCache, build_policy
 from cf.metrics.revisit import AgeBinnedError, RegionError
 from cf.model import CausalVideoDiT
@@ -52,12 +52,9 @@ def shift_last(last: Tensor, cam_last: Tensor, cams: Tensor) -> Tensor:
     return torch.stack(out, 1)
 
 
-def _policy(cfg, name: str, window: int | None = None):
-    mem = copy.deepcopy(cfg.memory)
-    mem.policy = name
-    if window is not None:
-        mem.window_frames = window
-    return build_policy(mem, cfg.model.frames_per_chunk)
+def _policy(cfg, name: str, **knobs):
+    """Policy `name` with memory.*'s knobs, some replaced by `knobs` (a continuation's own window)."""
+    return build_policy(cfg.memory, cfg.model.frames_per_chunk, policy=name, **knobs)
 
 
 @torch.no_grad()
@@ -88,7 +85,8 @@ def evaluate(net: CausalVideoDiT, cfg, batches, short_frames: int = 4) -> dict:
     n_ctx = (cfg.teacher.context_frames // chunk) * chunk
     n_chunks = cfg.teacher.target_chunks
     n_tgt = n_chunks * chunk
-    policies = {"long": _policy(cfg, "full"), "short": _policy(cfg, "sliding", short_frames + chunk)}
+    policies = {"long": _policy(cfg, "full"),
+                "short": _policy(cfg, "sliding", window_frames=short_frames + chunk)}
     edges = [lo for lo, _ in AGE_BINS]  # AgeBinnedError bin i >= 1: edges[i-1] <= age < edges[i]
     age_names = [f"age{lo}-{hi if hi < 10**9 else 'inf'}" for lo, hi in AGE_BINS]
     region_err: dict[str, RegionError] = {}
@@ -98,7 +96,7 @@ def evaluate(net: CausalVideoDiT, cfg, batches, short_frames: int = 4) -> dict:
     for bi, batch in enumerate(batches):
         video, camera = batch["video"].to(dev), batch["camera"].to(dev)
         if video.shape[1] < n_ctx + n_tgt:
-            raise ValueError(f"held-out clips have {video.shape[1]} frames; the evaluation needs "
+            raise CfError(f"held-out clips have {video.shape[1]} frames; the evaluation needs "
                              f"{n_ctx + n_tgt} (teacher.context_frames + target): raise data.clip_frames")
         truth = video[:, n_ctx:n_ctx + n_tgt]
         age = batch["age"][:, n_ctx:n_ctx + n_tgt].to(dev)  # [B, T, H, W]
