@@ -52,7 +52,7 @@ from cf.train.base import EMA, EMACheckpoint, build_optimizer, step_generator
 from cf.train.memories import Memories
 from cf.train.student import check_context
 
-STAGES = {1: "cdmd1", 2: "cdmd2"}
+CDMD_STAGES = {1: "cdmd1", 2: "cdmd2"}
 
 
 # ---------------------------------------------------------------------- schedule (pure functions)
@@ -223,7 +223,7 @@ class CDMDModule(EMACheckpoint, pl.LightningModule):
 
     def __init__(self, cfg, stage: int):
         super().__init__()
-        if stage not in STAGES:
+        if stage not in CDMD_STAGES:
             raise CfError(f"cdmd stage {stage!r} is not 1 or 2")
         check_config(cfg)
         self.cfg, self.stage = cfg, stage

@@ -25,7 +25,7 @@ from cf.errors import CfError
 from cf.evaluation.generator import CRITERIA, evaluate_generator
 from cf.model import CausalVideoDiT, param_dtype, precision
 from cf.train.base import export_safetensors, load_checkpoint, load_module_weights, run_stage
-from cf.train.cdmd import STAGES, CDMDModule, stage_steps
+from cf.train.cdmd import CDMD_STAGES, CDMDModule, stage_steps
 from cf.train.conditions import ConditionStream, PairStream, StreamDataModule
 from cf.train.student import StudentModule, sample_ode_pairs
 from cf.utils import atomic_path, atomic_write_json, pick_device, seed_everything
@@ -157,14 +157,14 @@ def train_cdmd(
     cdmd1's for stage 2; a .ckpt or a generator.safetensors), teacher and critic from `teacher_ckpt`.
     Returns `<out_dir>/cdmd<stage>/last.ckpt`. A finished stage only re-evaluates. `callbacks`: as for
     `train_student`."""
-    if stage not in STAGES:
+    if stage not in CDMD_STAGES:
         raise CfError(f"cdmd stage {stage!r} is not 1 or 2")
     if stage == 2 and not cfg.cdmd.stage2:
         raise CfError(
             f"method {cfg.method!r} has cdmd.stage2=false (its generator is cdmd1); "
             "pass cdmd.stage2=true to run stage 2 anyway"
         )
-    name = STAGES[stage]
+    name = CDMD_STAGES[stage]
     out_dir = Path(out_dir)
     seed_everything(cfg.seed)
     module = CDMDModule(cfg, stage)

@@ -23,7 +23,7 @@ from cf.train.teacher import TeacherModule
 from cf.utils import atomic_write_json, seed_everything
 from cf.video import contact_sheet, write_video
 
-STAGES = {"teacher": False, "teacher_erft": True}
+TEACHER_STAGES = {"teacher": False, "teacher_erft": True}
 TEACHER_ROWS = ("long", "long_mean", "short", "short_mean", "shift_last", "copy_last")
 
 
@@ -35,9 +35,9 @@ def train_teacher(cfg, out_dir: str | Path, stage: str = "teacher", evaluate_aft
     `teacher_erft` starts from `init_ckpt` (default: `<out_dir>/teacher/last.ckpt`). `callbacks`: extra
     Lightning callbacks for the stage's Trainer (profilers, tests).
     """
-    if stage not in STAGES:
-        raise CfError(f"unknown teacher stage {stage!r}; expected one of {sorted(STAGES)}")
-    erft = STAGES[stage]
+    if stage not in TEACHER_STAGES:
+        raise CfError(f"unknown teacher stage {stage!r}; expected one of {sorted(TEACHER_STAGES)}")
+    erft = TEACHER_STAGES[stage]
     out_dir = Path(out_dir)
     seed_everything(cfg.seed)
     module = TeacherModule(cfg, erft=erft)
