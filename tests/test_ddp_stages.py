@@ -35,7 +35,7 @@ class Record(Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         step = trainer.global_step
         if hasattr(module, "plan"):  # CDMD: rollout length, exit step, which network updates
-            p = module.plan(step)
+            p = module.rollout_plan(step)
             self.draws.append([p.n_chunks, p.window, p.exit_step, bool(p.generator)])
         elif hasattr(module, "draw_window"):  # teacher: history length and window start
             self.draws.append(list(module.draw_window(step, batch["video"].shape[1])))

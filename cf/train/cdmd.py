@@ -255,12 +255,12 @@ class CDMDModule(EMACheckpoint, pl.LightningModule):
         return [gen, critic]
 
     # ------------------------------------------------------------------ the step
-    def plan(self, step: int) -> RolloutPlan:
+    def rollout_plan(self, step: int) -> RolloutPlan:
         return plan_step(self.cfg.cdmd, self.stage, step, self.cfg.seed, self.sampler.n_steps)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         step = self.global_step
-        plan = self.plan(step)
+        plan = self.rollout_plan(step)
         gen_opt, critic_opt = self.optimizers()
         video = self.generate(batch, plan, step)
         if plan.generator:
