@@ -4,14 +4,17 @@
 # student); lane B the 4-frame one (self_forcing, infinite_rope on the same generator, longlive). Each
 # variant is one `cf ablate` call, so a killed lane resumes from the stage cache when run again.
 #   benchmarks/claims.sh 0 1 2                     # frame-relative positions (the grid's default)
-#   EXTRA="model.positions=world" benchmarks/claims.sh 0 1 2
+#   ABLATION=claims_world benchmarks/claims.sh 0 1 2   # the same grid in world coordinates
 #   LANE_A=cf_short,cf_no_erft LANE_B= benchmarks/claims.sh 0 1 2   # the C2/C3 remainder
-# Environment: CF (the cf command, default .venv/bin/cf), OUT (runs root, default runs), EXTRA (more
-# key=value overrides), LANE_A / LANE_B (comma-separated variants). Logs: $OUT/claims-logs/.
+# Environment: CF (the cf command, default .venv/bin/cf), ABLATION (the grid, default claims), OUT (runs
+# root, default runs), EXTRA (more key=value overrides; keep results-changing keys in a grid file, since
+# the tables key rows by grid and variant), LANE_A / LANE_B (comma-separated variants).
+# Logs: $OUT/claims-logs/.
 set -u
 CF=${CF:-.venv/bin/cf}
 OUT=${OUT:-runs}
 EXTRA=${EXTRA:-}
+ABLATION=${ABLATION:-claims}
 LANE_A=${LANE_A-context_forcing,cf_window}
 LANE_B=${LANE_B-self_forcing,infinite_rope,longlive}
 mkdir -p "$OUT/claims-logs"
@@ -25,8 +28,8 @@ lane() {  # lane NAME VARIANTS SEED...
         for v in ${variants//,/ }; do
             echo "$(date -u +%FT%TZ) lane $name seed $seed $v: start"
             # shellcheck disable=SC2086
-            $CF ablate --ablation claims --variants "$v" --seed "$seed" --out "$OUT" trainer.threads=1 $EXTRA \
-                > "$OUT/claims-logs/$name-seed$seed-$v.log" 2>&1
+            $CF ablate --ablation "$ABLATION" --variants "$v" --seed "$seed" --out "$OUT" trainer.threads=1 $EXTRA \
+                > "$OUT/claims-logs/$ABLATION-$name-seed$seed-$v.log" 2>&1
             echo "$(date -u +%FT%TZ) lane $name seed $seed $v: exit $?"
         done
     done

@@ -29,6 +29,7 @@ def test_the_shipped_grids_cover_the_issue_axes():
     assert SHIPPED == [
         "bounded_positions",
         "claims",
+        "claims_world",
         "erft",
         "memory",
         "methods",
@@ -199,6 +200,14 @@ def test_cf_ablate_plan_prints_each_variants_stages_and_runs_nothing(tmp_path, c
 
 def pipeline_names():
     return ["teacher", "teacher_erft", "student", "cdmd1", "cdmd2", "bench"]
+
+
+def test_the_world_claims_grid_is_the_claims_grid_with_world_positions():
+    frame, world = ablation.load_ablation("claims"), ablation.load_ablation("claims_world")
+    assert frame.overrides["model.positions"] == "frame" and world.overrides["model.positions"] == "world"
+    assert {**world.overrides, "model.positions": "frame"} == dict(frame.overrides)
+    assert world.variants == frame.variants
+    assert world.name != frame.name  # its own run names and tables: the schemes never share a row
 
 
 def test_select_variants_keeps_the_order_given_and_refuses_unknown_names():
