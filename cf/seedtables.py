@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 def headline(rows: pd.DataFrame) -> list[tuple[str, str, str, float]]:
     """(column, header, format, scale) of the numbers the seed tables show, among the bench rows'
     columns: effective context, retention, consistency (VBench-Long and its long-range term), first-frame
-    consistency at the last segment, dynamic degree and moving fraction, realism."""
+    consistency at the last segment, dynamic degree, moving fraction and flow magnitude, realism."""
     from cf.bench import tables
     from cf.metrics.columns import REALISM
 
@@ -23,6 +23,7 @@ def headline(rows: pd.DataFrame) -> list[tuple[str, str, str, float]]:
     for backbone, series in tables.first_frame_columns(rows).items():
         out.append((series[-1][1], f"{backbone} @{series[-1][0]:g}s", ".1f", 100.0))
     out += [("dynamic_degree", "Dynamic", ".1f", 100.0), ("moving_fraction", "Moving", ".1f", 100.0)]
+    out.append(("flow_magnitude", "Flow (px)", ".2f", 1.0))  # motion where the two above saturate
     out += [(c, f"FD ({m['backbone']})", ".1f", 1.0) for c in rows.columns if (m := REALISM.match(str(c)))]
     return [h for h in out if h[0] in rows.columns and rows[h[0]].notna().any()]
 

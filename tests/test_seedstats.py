@@ -50,7 +50,8 @@ def _row(variant, method, memory, seed, ctx, dyn, start):
             "memory": memory, "preset": "tiny", "ablation": "claims", "variant": variant, "git_sha": "abc",
             "run_dir": f"tiny/{variant}-seed{seed}", "seed": seed, "data.fps": 8.0,
             "bench/effective_context_s": ctx, "bench/effective_context_is_lower_bound": 0.0,
-            "bench/dynamic_degree": dyn, "bench/first_frame_pixels_at_60s": 0.5}
+            "bench/dynamic_degree": dyn, "bench/first_frame_pixels_at_60s": 0.5,
+            "bench/flow_magnitude": 4 * dyn}
 
 
 def test_cf_tables_shows_seed_intervals_and_paired_differences(tmp_path):
@@ -77,6 +78,7 @@ def test_cf_tables_shows_seed_intervals_and_paired_differences(tmp_path):
     assert cells[:3] == ["longlive", "3", diff.text("+.1f") + " *"]  # excludes 0: supported
     dyn = seedstats.interval([0.02, -0.02, 0.05])  # within noise: no star
     assert cells[head.index("Dynamic")] == dyn.text("+.1f", 100.0)  # same column order as above
+    assert cells[head.index("Flow (px)")] == seedstats.interval([0.08, -0.08, 0.2]).text("+.2f")
     csv = pd.read_csv(tmp_path / "tiny" / "claims.csv")
     lo = csv.set_index("variant").loc["context_forcing", "bench/effective_context_s_ci_lo"]
     assert lo == pytest.approx(ctx.lo)
