@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
@@ -92,6 +93,14 @@ def revisit_curves(rows: pd.DataFrame, what: str = "retention") -> pd.DataFrame:
                     }
                 )
     return pd.DataFrame(out, columns=["preset", "ablation", "label", "lo_s", "hi_s", "value", "lo", "hi"])
+
+
+def lag_centres(lo_s, hi_s) -> np.ndarray:
+    """Where lag bins sit on a log axis (s): the geometric centre of [lo, hi] (lo floored at 0.25 s);
+    an open last bin (hi infinite) sits at 1.25 lo. Takes any array-likes, empty ones included."""
+    lo = np.asarray(lo_s, dtype=float)
+    hi = np.asarray(hi_s, dtype=float)
+    return np.where(np.isfinite(hi), np.sqrt(np.maximum(lo, 0.25) * hi), 1.25 * lo)
 
 
 def rollout_curves(bench_dir: str | Path = ROOT / "benchmarks" / "results") -> pd.DataFrame:

@@ -168,6 +168,13 @@ def test_tables_from_a_real_store_after_a_grid_on_a_toy_bench(toy_store):
     assert "## Revisit PSNR (dB) by lag" in md and "18.0" in md
 
 
+def test_lag_bins_sit_at_their_geometric_centre_and_an_empty_curve_plots_nothing():
+    x = curves.lag_centres([0.0, 1.0, 4.0, 40.0], [0.5, 4.0, 9.0, float("inf")])
+    assert list(x) == pytest.approx([0.125**0.5, 2.0, 6.0, 50.0])  # 0 floored at 0.25 s; open bin at 1.25 lo
+    empty = curves.revisit_curves(pd.DataFrame(columns=["preset", "ablation", "label"]), "psnr")
+    assert curves.lag_centres(empty["lo_s"], empty["hi_s"]).shape == (0,)  # object dtype: once a TypeError
+
+
 def test_what_the_notebooks_plot_comes_from_the_store_or_the_committed_tables(toy_store, tmp_path):
     tmp, store = toy_store
     cfg = load_config("smoke", overrides=store)
