@@ -42,7 +42,6 @@ import json
 import math
 import statistics
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +51,7 @@ from omegaconf import OmegaConf
 
 from cf import tracking
 from cf.bench import report
-from cf.bench.entries import OWN, Entry, as_entry, generator_path, plan_entries
+from cf.bench.entries import OWN, BenchResult, Entry, as_entry, bench_metrics, generator_path, plan_entries
 from cf.errors import CfError
 from cf.metrics.columns import score_columns
 
@@ -66,22 +65,6 @@ __all__ = [
     "plan_entries",
     "run_consistency",
 ]
-
-
-@dataclass
-class BenchResult:
-    """What `run_consistency` measured. `runs` follows the column contract of `cf.bench.tables`."""
-
-    runs: pd.DataFrame  # one row per entry
-    videos: pd.DataFrame  # one row per (entry, seed)
-    first_frame: pd.DataFrame  # long form, per entry x backbone x segment
-    revisit: pd.DataFrame  # long form, per entry x lag
-    files: list[Path] = field(default_factory=list)
-    run_id: str | None = None  # the MLflow run (None when tracking is off)
-
-    def metrics(self, i: int = 0) -> dict[str, float]:
-        """Entry i's ``bench/<column>`` metrics (finite numbers only), as logged to MLflow."""
-        return _metrics(self.runs.iloc[i].to_dict())
 
 
 def bench_frames(cfg) -> int:
@@ -161,7 +144,7 @@ def run_consistency(
                     entry.cfg, "bench", parent_run_id=run.run_id, extra_tags=_tags(entry)
                 ) as child:
                     _rename(child, entry)
-                    child.log_metrics(_metrics(m["row"]))
+                    child.log_metrics(bench_metrics(m["row"]))
                     _log_files(child, m["files"], out_dir)
         bar.close()
         result = _collect(measured, scorer, extra)
@@ -169,7 +152,7 @@ def run_consistency(
         written += report.write_plots(result, measured, out_dir, cfg)
         files += written
         if single:
-            run.log_metrics(_metrics(result.runs.iloc[0].to_dict()))
+            run.log_metrics(bench_metrics(result.runs.iloc[0].to_dict()))
         _log_files(run, files if single else written, out_dir)
         result.files, result.run_id = files, run.run_id
     return result
@@ -332,19 +315,6 @@ def _rename(run, entry: Entry | None) -> None:
         cfg = entry.cfg
         base = cfg.tracking.run_name or f"{cfg.method}-{cfg.memory.policy}-{cfg.preset}"
         run.set_tags({"mlflow.runName": f"{base}-untrained/bench"})
-
-
-def _metrics(row: dict) -> dict[str, float]:
-    """The numeric score columns of a row as ``bench/<column>`` (NaN / missing left out)."""
-    skip = {"seconds", "data.fps", "world_seed", "seed", "context_frames"}
-    out = {}
-    for k, v in row.items():
-        if k in skip or isinstance(v, (str, bool)) or v is None:
-            continue
-        v = float(v)
-        if math.isfinite(v):
-            out[f"bench/{k}"] = v
-    return out
 
 
 def _log_files(run, files: list[Path], out_dir: Path) -> None:

@@ -1,16 +1,19 @@
-"""What the consistency benchmark compares: `Entry` (a method's config at a memory policy, and its
-generator weights or random ones) and `plan_entries`, which builds them for ``bench.methods`` x
+"""What the consistency benchmark compares and what it measured: `Entry` (a method's config at a memory
+policy, and its generator weights or random ones), `plan_entries`, which builds them for ``bench.methods`` x
 ``bench.policies`` from the generators the pipeline leaves in
-``runs/<preset>/<method>-<memory>-seed<seed>/generator.safetensors`` (the stage contract).
+``runs/<preset>/<method>-<memory>-seed<seed>/generator.safetensors`` (the stage contract), and
+`BenchResult`, the measurements `cf.bench.consistency` hands to `cf.bench.report` (both import it from here).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 from omegaconf import DictConfig
 
 from cf.bench import tables
@@ -38,6 +41,35 @@ class Entry:
     @property
     def weights(self) -> str:
         return "untrained" if self.generator is None else "trained"
+
+
+@dataclass
+class BenchResult:
+    """What `run_consistency` measured. `runs` follows the column contract of `cf.bench.tables`."""
+
+    runs: pd.DataFrame  # one row per entry
+    videos: pd.DataFrame  # one row per (entry, seed)
+    first_frame: pd.DataFrame  # long form, per entry x backbone x segment
+    revisit: pd.DataFrame  # long form, per entry x lag
+    files: list[Path] = field(default_factory=list)
+    run_id: str | None = None  # the MLflow run (None when tracking is off)
+
+    def metrics(self, i: int = 0) -> dict[str, float]:
+        """Entry i's ``bench/<column>`` metrics (finite numbers only), as logged to MLflow."""
+        return bench_metrics(self.runs.iloc[i].to_dict())
+
+
+def bench_metrics(row: dict) -> dict[str, float]:
+    """The numeric score columns of a row as ``bench/<column>`` (NaN / missing left out)."""
+    skip = {"seconds", "data.fps", "world_seed", "seed", "context_frames"}
+    out = {}
+    for k, v in row.items():
+        if k in skip or isinstance(v, (str, bool)) or v is None:
+            continue
+        v = float(v)
+        if math.isfinite(v):
+            out[f"bench/{k}"] = v
+    return out
 
     @property
     def name(self) -> str:

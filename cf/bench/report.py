@@ -7,16 +7,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cf.bench import plots, tables
-from cf.bench.entries import Entry
+from cf.bench.entries import BenchResult, Entry
 from cf.utils import atomic_path, atomic_write_json, atomic_write_text
-
-if TYPE_CHECKING:
-    from cf.bench.consistency import BenchResult
 
 VIEW_SIZE = 256  # the mp4 is enlarged to about this many pixels on its longer side
 
