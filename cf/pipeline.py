@@ -44,31 +44,10 @@ from cf.config.load import config_hash, load_config
 from cf.errors import CfError
 from cf.faults import failpoint
 from cf.progress import PipelineProgress, past_durations
-from cf.stages import STAGES, Stage, StageFn, bench_config, final_generator, final_teacher  # noqa: F401
+from cf.stages import STAGES, PlannedStage, Stage, StageFn, bench_config, final_generator, final_teacher  # noqa: F401
 from cf.utils import atomic_write_json, git_sha
 
 # --- planning: hashes and cache directories -----------------------------------------------------
-
-
-@dataclass
-class PlannedStage:
-    stage: Stage
-    key: str  # the cache hash
-    dir: Path  # <cache>/<stage>-<key>
-    inputs: dict[str, str]  # role -> upstream stage name
-    config: dict
-
-    @property
-    def name(self) -> str:
-        return self.stage.name
-
-    @property
-    def marker(self) -> Path:
-        return self.dir / "done.json"
-
-    @property
-    def done(self) -> bool:
-        return self.marker.is_file()
 
 
 def cache_root(cfg: DictConfig) -> Path:

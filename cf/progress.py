@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
-    from cf.pipeline import PlannedStage
+    from cf.stages import PlannedStage
 
 
 def _clock(seconds: float) -> str:

@@ -32,7 +32,7 @@ from cf.filecheck import damage, digest
 from cf.utils import atomic_path, partial_files, partial_target
 
 if TYPE_CHECKING:
-    from cf.pipeline import PlannedStage
+    from cf.stages import PlannedStage
 
 # The entry's own bookkeeping, not the stage's output.
 BOOKKEEPING = frozenset({".lock", "done.json", "stage.json", "mlflow_run.json"})

@@ -1,6 +1,8 @@
 """The pipeline's stage table: what each stage reads from the config (its cache identity), which
 earlier stages' checkpoints it takes, whether it is enabled, and what it publishes. `cf.pipeline`
-plans and runs it; tests swap in toy stage functions with `dataclasses.replace(stage, run=...)`.
+plans it and runs it; a `PlannedStage` (a stage with its cache hash and entry) lives here, beside
+`Stage`, so that the pipeline's cache checks and progress lines take it from below. Tests swap in toy
+stage functions with `dataclasses.replace(stage, run=...)`.
 """
 
 from __future__ import annotations
@@ -49,6 +51,30 @@ class Stage:
     inputs: Callable[[DictConfig], dict[str, str]] = lambda cfg: {}
     enabled: Callable[[DictConfig], bool] = lambda cfg: True
     publish: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class PlannedStage:
+    """A stage planned for one config (`cf.pipeline.plan`): its cache hash and entry. The pipeline, its
+    cache checks (`cf.stage_cache`) and its progress lines (`cf.progress`) all take it."""
+
+    stage: Stage
+    key: str  # the cache hash
+    dir: Path  # <cache>/<stage>-<key>
+    inputs: dict[str, str]  # role -> upstream stage name
+    config: dict
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+    @property
+    def marker(self) -> Path:
+        return self.dir / "done.json"
+
+    @property
+    def done(self) -> bool:
+        return self.marker.is_file()
 
 
 def _section(cfg: DictConfig, name: str, drop: tuple[str, ...] = ()) -> dict:
