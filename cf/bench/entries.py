@@ -42,6 +42,15 @@ class Entry:
     def weights(self) -> str:
         return "untrained" if self.generator is None else "trained"
 
+    @property
+    def name(self) -> str:
+        """File-safe name: ``<method>-<memory>`` (``-untrained`` appended for random weights)."""
+        return f"{self.method}-{self.memory}" + ("-untrained" if self.generator is None else "")
+
+    @property
+    def label(self) -> str:
+        return tables.row_label({"method": self.method, "memory": self.memory, "weights": self.weights})
+
 
 @dataclass
 class BenchResult:
@@ -70,15 +79,6 @@ def bench_metrics(row: dict) -> dict[str, float]:
         if math.isfinite(v):
             out[f"bench/{k}"] = v
     return out
-
-    @property
-    def name(self) -> str:
-        """File-safe name: ``<method>-<memory>`` (``-untrained`` appended for random weights)."""
-        return f"{self.method}-{self.memory}" + ("-untrained" if self.generator is None else "")
-
-    @property
-    def label(self) -> str:
-        return tables.row_label({"method": self.method, "memory": self.memory, "weights": self.weights})
 
 
 def at_inference(cfg: DictConfig) -> DictConfig:
