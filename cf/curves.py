@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from cf import tracking
 from cf.config.load import ROOT
-from cf.results import GROUP, RESULTS, UNGROUPED, _client, bench_rows, latest, pipeline_runs, seed_means
+from cf.results import GROUP, RESULTS, UNGROUPED, bench_rows, latest, pipeline_runs, seed_means
 
 
 def load_rows(cfg: DictConfig, results_dir: str | Path = RESULTS) -> tuple[pd.DataFrame, str]:
@@ -153,7 +154,7 @@ def training_curves(cfg: DictConfig, pattern: str = "loss") -> pd.DataFrame:
     from cf.bench.tables import row_label
     from cf.store import run_exists
 
-    client = _client(cfg)
+    client = tracking.client(cfg)
     out, seen = [], set()
     for (_, r), (_, b) in zip(df.iterrows(), bench_rows(df).iterrows()):
         parent = client.get_run(r["run_id"])

@@ -22,7 +22,7 @@ Tracking. One MLflow run with stage tag `pipeline` (tags method, memory, preset,
 git_sha); each stage opens its own run nested under it. The parent also gets every stage's final
 metrics, renamed `<stage>/<name>` (`teacher_erft/psnr_long_all`, `cdmd2/dmd_loss`, `bench/...`),
 cached stages included, so the compare view lines pipelines up on one row each. A cached stage whose
-run is missing from the current store is recorded there again from the cache (`cf/store.py`), and
+run is missing from the current store is recorded there again from the cache (`cf/run_records.py`), and
 runs a killed pipeline left RUNNING are marked KILLED by the next one on its run folder.
 
 The stage table is a plain list of `Stage`s, so tests run the machinery on toy stages.
@@ -39,7 +39,7 @@ from typing import Any, TextIO
 
 from omegaconf import DictConfig
 
-from cf import stage_cache, store, tracking
+from cf import run_records, stage_cache, store, tracking
 from cf.config.load import config_hash, load_config
 from cf.errors import CfError
 from cf.faults import failpoint
@@ -143,7 +143,7 @@ def _reuse(cfg: DictConfig, ps: PlannedStage, parent: Any, upstream: dict[str, d
         return {}
     before = json.dumps(marker, sort_keys=True)
     stage_cache.adopt(ps, marker, upstream)
-    store.ensure_recorded(parent, cfg, ps.name, ps.dir, marker, stream)
+    run_records.ensure_recorded(parent, cfg, ps.name, ps.dir, marker, stream)
     if json.dumps(marker, sort_keys=True) != before:
         atomic_write_json(ps.marker, marker, fsync=True)
     return marker
@@ -184,8 +184,8 @@ def run_stage(
         ckpt = ps.stage.run(cfg, ps.dir, inputs, getattr(parent, "run_id", None))
         seconds = time.time() - t0
         failpoint(f"stage.ran:{ps.name}")
-        run_id, metrics = store.stage_run(parent, ps.name)
-        store.save_record(parent, run_id, ps.dir)
+        run_id, metrics = run_records.stage_run(parent, ps.name)
+        run_records.save_record(parent, run_id, ps.dir)
         marker = {
             "stage": ps.name,
             "hash": ps.key,

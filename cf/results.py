@@ -40,13 +40,6 @@ TEACHER_PSNR = (
 )
 
 
-def _client(cfg: DictConfig):
-    from cf import store, tracking
-
-    tracking._quiet()
-    return store.client(tracking.tracking_uri(cfg))
-
-
 def pipeline_runs(cfg: DictConfig, status: str | None = "FINISHED") -> pd.DataFrame:
     """One row per pipeline run of the experiment `cfg.tracking.experiment` (empty if none yet).
 
@@ -59,7 +52,7 @@ def pipeline_runs(cfg: DictConfig, status: str | None = "FINISHED") -> pd.DataFr
     uri = tracking.tracking_uri(cfg)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///").split("?")[0]).is_file():
         return empty  # a fresh clone: no store yet (and reading must not create one)
-    client = _client(cfg)
+    client = tracking.client(cfg)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
         return empty

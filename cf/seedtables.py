@@ -102,10 +102,9 @@ def log_seed_tables(cfg: DictConfig, preset: str, name: str, stats: pd.DataFrame
 
     from mlflow.entities import Metric
 
-    from cf import seedstats
-    from cf.results import _client
+    from cf import seedstats, tracking
 
-    client = _client(cfg)
+    client = tracking.client(cfg)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     if exp is None:
         return

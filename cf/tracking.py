@@ -37,6 +37,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from cf import store
 from cf.config.load import ROOT, to_yaml
 from cf.utils import git_sha
 
@@ -53,14 +54,6 @@ def tracking_uri(cfg: DictConfig) -> str:
     if env:
         return env
     return f"sqlite:///{ROOT / 'mlflow.db'}"
-
-
-def artifact_location(uri: str) -> str | None:
-    """`<db dir>/mlruns` for a sqlite store; None (the server's choice) otherwise."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    db = Path(uri[len("sqlite:///") :].split("?")[0])  # sqlite:////abs/x.db -> /abs/x.db
-    return (db.resolve().parent / "mlruns").as_uri()
 
 
 def metric_key(name: str) -> str:
@@ -94,6 +87,13 @@ def is_global_zero() -> bool:
 def _quiet() -> None:
     for name in _QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def client(cfg: DictConfig):
+    """An MLflow client of the store this config logs to (created first if missing), MLflow's loggers
+    quiet: what the readers of finished runs (`cf tables`, the curves, the seed tables) query."""
+    _quiet()
+    return store.client(tracking_uri(cfg))
 
 
 class Run:
@@ -162,7 +162,7 @@ def _experiment_id(client, name: str, uri: str) -> str:
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location(uri))
+        return client.create_experiment(name, artifact_location=store.artifact_location(uri))
     except MlflowException:  # another process created it between our two calls
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -210,10 +210,8 @@ def start_run(
     from mlflow.entities import Param, RunStatus
     from mlflow.tracking import MlflowClient
 
-    from cf.store import ensure_store
-
     uri = tracking_uri(cfg)
-    ensure_store(uri)  # created and migrated by one process at a time
+    store.ensure_store(uri)  # created and migrated by one process at a time
     client = MlflowClient(tracking_uri=uri)
     tags = {**run_tags(cfg, stage), **{k: str(v) for k, v in (extra_tags or {}).items()}}
     if parent_run_id is None:

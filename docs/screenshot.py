@@ -50,7 +50,7 @@ HEIGHT = """(() => {
 
 
 def compare_url(ablation: str, preset: str, port: int) -> str:
-    from cf import results
+    from cf import results, tracking
     from cf.config import load_config
 
     cfg = load_config(preset)
@@ -61,7 +61,7 @@ def compare_url(ablation: str, preset: str, port: int) -> str:
             f"no finished pipeline runs of ablation {ablation!r} at preset {preset!r} in "
             f"the store; run: make ablate PRESET={preset} ABLATION=ablations/{ablation}.yaml"
         )
-    exp = results._client(cfg).get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    exp = tracking.client(cfg).get_experiment_by_name(cfg.tracking.experiment).experiment_id
     q = urllib.parse.quote
     runs = q(json.dumps(list(df.sort_values("start_time")["run_id"])))
     return f"http://127.0.0.1:{port}/#/compare-runs?runs={runs}&experiments={q(json.dumps([exp]))}"

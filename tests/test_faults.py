@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cf import curves, pipeline, stage_cache, store, tracking
+from cf import curves, pipeline, run_records, stage_cache, store, tracking
 from cf.cli import main
 from cf.config import load_config
 from cf.faults import FAILPOINT_ENV, DiskFullError, failpoint, is_disk_full
@@ -288,7 +288,7 @@ def test_a_new_store_gets_the_cached_stage_runs_recorded_again(tmp_path, db, cap
     ps = next(p for p in pipeline.plan(cfg_for(out, new, "x")) if p.name == "bench")
     legacy = {k: v for k, v in json.loads(ps.marker.read_text()).items() if k not in ("files", "inputs")}
     ps.marker.write_text(json.dumps(legacy))
-    (ps.dir / store.RECORD_FILE).unlink()
+    (ps.dir / run_records.RECORD_FILE).unlink()
     res = run_toy(out, new, "x")
     assert res.ran == []  # all cached
     c = MlflowClient(new)

@@ -8,6 +8,7 @@ from mlflow.tracking import MlflowClient
 from cf import tracking
 from cf.config import load_config
 from cf.config.load import ROOT, to_yaml
+from cf.store import artifact_location
 
 
 @pytest.fixture(scope="module")
@@ -133,10 +134,10 @@ def test_store_resolution_order(monkeypatch):
     cfg = load_config("smoke")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
     assert tracking.tracking_uri(cfg) == f"sqlite:///{ROOT / 'mlflow.db'}"
-    assert tracking.artifact_location(tracking.tracking_uri(cfg)) == (ROOT / "mlruns").as_uri()
+    assert artifact_location(tracking.tracking_uri(cfg)) == (ROOT / "mlruns").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking.tracking_uri(cfg) == "http://127.0.0.1:5000"
-    assert tracking.artifact_location("http://127.0.0.1:5000") is None
+    assert artifact_location("http://127.0.0.1:5000") is None
     cfg.tracking.uri = "sqlite:///elsewhere.db"
     assert tracking.tracking_uri(cfg) == "sqlite:///elsewhere.db"
 

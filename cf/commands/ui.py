@@ -12,7 +12,7 @@ def ui_command(uri: str, port: int) -> list[str]:
     """The `mlflow ui` command line for store `uri` (a sqlite store keeps artifacts in its mlruns/)."""
     import sys
 
-    from cf.tracking import artifact_location
+    from cf.store import artifact_location
 
     cmd = [
         sys.executable,
