@@ -56,6 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def refuse_foreign_flags(mod, args: argparse.Namespace) -> None:
+    """A flag that belongs to another --model than the one chosen (the command's `ONLY_FOR`) is an error
+    naming the flag and its model, never silently ignored. Such flags default to None: given = not None."""
+    only_for = getattr(mod, "ONLY_FOR", {})
+    if not only_for:
+        return
+    from cf.errors import CfError
+
+    flag = mod.MODEL_FLAG
+    chosen = getattr(args, flag.lstrip("-").replace("-", "_"))
+    for option, owner in only_for.items():
+        if owner != chosen and getattr(args, option.lstrip("-").replace("-", "_")) is not None:
+            raise CfError(f"{option} belongs to {flag} {owner}, but this run is {flag} {chosen}; "
+                          f"drop {option} or pass {flag} {owner}")
+
+
 def config_from_args(args: argparse.Namespace):
     from cf.config import load_config
 
@@ -91,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     mod = args._module
     debug = args.debug or os.environ.get("CF_DEBUG", "") not in ("", "0")
     try:
+        refuse_foreign_flags(mod, args)
         cfg = config_from_args(args) if getattr(mod, "CONFIG", True) else None
         rc = mod.run(args, cfg)
     except KeyboardInterrupt:

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 
 def generate(cfg, model, n_chunks: int, *, sampler: str = "student", guidance: float | None = None,
-             context: int = 0, world_seed: int | None = None, callbacks=()):
+             context: int = 0, world_seed: int | None = None, image=None, callbacks=()):
     """Roll `model` out for `n_chunks` chunks on a held-out world's prompt and camera path.
 
     Returns (video float [context + n_chunks * C, C, H, W] on the CPU, meta dict with the prompt,
     the per-frame camera, the world seed, policy, sampler and guidance). `context` clean frames
     of the world come first (and are what the rollout continues from).
+
+    image: float [3, H, W] in [-1, 1] (`cf.image.to_frame`), a picture to start from instead: it is the
+    `context` clean frames (at least one chunk), on a camera held still at the world's first position,
+    which then follows the world's path (`cf.data.start.image_clip`). The first frame of the video is
+    the picture, exactly.
     """
     import torch
 
@@ -32,9 +37,19 @@ def generate(cfg, model, n_chunks: int, *, sampler: str = "student", guidance: f
     world_seed = cfg.data.eval_seed + cfg.seed if world_seed is None else world_seed
     world = World(cfg.data, world_seed)
     total = context + n_chunks * chunk
-    xs = torch.from_numpy(world.camera_x(0, total)).to(torch.float64)
+    if image is not None:
+        from cf.data.start import image_clip
+
+        if context < 1:
+            raise CfError(f"a rollout from a picture needs it as context: pass context >= {chunk} "
+                          f"(a multiple of model.frames_per_chunk)")
+        clip = image_clip(world, image, context, total)
+        xs = clip.camera[:, 0].to(torch.float64)
+        clean = clip.video[None, :context].to(device, dtype)
+    else:
+        xs = torch.from_numpy(world.camera_x(0, total)).to(torch.float64)
+        clean = world.render(context).video[None].to(device, dtype) if context else None
     camera = torch.stack([xs, torch.zeros_like(xs)], dim=1)  # [F, 2]; the world's camera pans in x
-    clean = world.render(context).video[None].to(device, dtype) if context else None
     if guidance is None:
         guidance = guidance_scale(cfg, STUDENT if sampler == "student" else TEACHER)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -46,7 +61,8 @@ def generate(cfg, model, n_chunks: int, *, sampler: str = "student", guidance: f
     frames = res.video if clean is None else torch.cat([clean, res.video], dim=1)
     meta = {
         "prompt": world.prompt, "world_seed": world_seed, "camera": camera.long().tolist(),
-        "context_frames": context, "preset": cfg.preset, "method": cfg.method, "policy": cfg.memory.policy,
+        "context_frames": context, "start": "image" if image is not None else "world", "preset": cfg.preset,
+        "method": cfg.method, "policy": cfg.memory.policy,
         "sampler": sampler, "guidance": guidance, "seed": cfg.seed, "config_hash": config_hash(cfg),
         "git_sha": git_sha(),
         # frames the slow memory promoted (slowfast; None for policies without one): is it doing anything?

@@ -1,9 +1,15 @@
 """`cf generate`: a long video from a checkpoint (or random weights) through a memory policy.
 
 The prompt and the camera path come from a held-out world (seed data.eval_seed + --seed), so a
-generated video can be compared with the world it was asked to show. Writes into --out:
+generated video can be compared with the world it was asked to show. With --image the video starts
+from a picture instead (resized and centre-cropped to the frame, `cf.image`): it is the clean context
+the rollout continues, and the camera pans away from it and back along the world's path. Writes into
+--out:
   <stem>.mp4   enlarged for viewing        <stem>.gif   native resolution
-  <stem>.json  prompt, camera path, policy, sampler, timings, config hash and git commit
+  <stem>.json  prompt, camera path, policy, sampler, timings, the picture's crop, config hash and git commit
+
+--model wan runs real Wan2.1 weights instead (cf.wan.generate; docs/wan.md). A flag that belongs to the
+other model is refused (`ONLY_FOR`), never ignored.
 """
 
 COMMAND = ("generate",)
@@ -12,22 +18,42 @@ HELP = "generate a long video with a memory policy (random weights unless --ckpt
 # The mp4 is enlarged to about this many pixels on its longer side (a 32x32 frame is unwatchable).
 VIEW_SIZE = 256
 
+# flag -> the --model it belongs to; given with the other model it is refused (cf.cli.refuse_foreign_flags).
+# Their defaults are None, so "given" is "not None". FOR_EVERY_MODEL: the flags both models read.
+ONLY_FOR = {
+    "--context": "native",
+    "--weights": "wan",
+    "--lora": "wan",
+    "--prompt": "wan",
+    "--negative-prompt": "wan",
+}
+MODEL_FLAG = "--model"
+FOR_EVERY_MODEL = ("--seconds", "--ckpt", "--sampler", "--guidance", "--image")
+
 
 def add_arguments(p) -> None:
     p.add_argument("--seconds", type=float, default=None, help="video length (default: bench.seconds)")
-    p.add_argument("--ckpt", default=None, help="Lightning .ckpt (weights under 'model.') or .safetensors")
+    p.add_argument("--ckpt", default=None,
+                   help="native: Lightning .ckpt (weights under 'model.') or .safetensors; "
+                        "wan: a generator checkpoint replacing --weights' transformer")
     p.add_argument("--sampler", choices=("student", "teacher"), default="student",
                    help="student: few-step (diffusion.student_timesteps); "
                         "teacher: Euler, diffusion.teacher_steps")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance "
                         "(default: 1 for the student, diffusion.cfg_scale for the teacher)")
-    p.add_argument("--context", type=int, default=0,
-                   help="clean world frames to continue from (a multiple of model.frames_per_chunk)")
+    p.add_argument("--image", default=None, metavar="PATH",
+                   help="start from this PNG/JPEG (resized to cover the frame, centre-cropped): the first "
+                        "clean context frames (native: --context of them, default student.context_frames, "
+                        "at least one chunk; wan: one chunk of latents through the Wan VAE)")
+    p.add_argument("--context", type=int, default=None,
+                   help="native: clean world frames to continue from (a multiple of model.frames_per_chunk; "
+                        "default 0), or with --image the frames the picture fills")
     # --model wan: real Wan2.1-based weights from local files (cf/wan, docs/wan.md)
-    p.add_argument("--model", choices=("native", "wan"), default="native",
+    p.add_argument(MODEL_FLAG, choices=("native", "wan"), default="native",
                    help="wan: a Wan2.1 T2V model from --weights/--ckpt/--lora and --prompt (docs/wan.md)")
-    p.add_argument("--weights", default=None, help="--model wan: a Wan2.1-T2V diffusers folder")
+    p.add_argument("--weights", default=None,
+                   help="--model wan: a Wan2.1-T2V folder (diffusers', or Wan's own with its .pth files)")
     p.add_argument("--lora", default=None, help="--model wan: a peft LoRA adapter merged at load")
     p.add_argument("--prompt", default=None, help="--model wan: the prompt")
     p.add_argument("--negative-prompt", default=None, help="--model wan: the unconditional branch's prompt")
@@ -50,6 +76,10 @@ def run(args, cfg) -> int:
     seconds = cfg.bench.seconds if args.seconds is None else args.seconds
     if seconds <= 0:
         raise CfError(f"--seconds {seconds:g} must be positive")
+    chunk = cfg.model.frames_per_chunk
+    image, crop, context = None, None, args.context or 0
+    if args.image is not None:  # read and checked before any weights load: a bad picture costs nothing
+        image, crop, context = start_image(args, cfg)
     if args.ckpt is not None:  # a damaged or foreign file fails here, naming it, not inside the loader
         from cf.filecheck import check_weights
 
@@ -58,13 +88,12 @@ def run(args, cfg) -> int:
     device = pick_device(cfg.device)
     model = build_model(cfg, device, weights=args.ckpt).eval()
     n_frames = max(1, int(round(seconds * cfg.data.fps)))
-    chunk = cfg.model.frames_per_chunk
     n_chunks = -(-n_frames // chunk)
     timer, nbytes = ChunkTimer(device), CacheBytes()
     bar = Progress(n_chunks, desc=f"cf generate ({cfg.memory.policy})")
     video, meta = generate(cfg, model, n_chunks, sampler=args.sampler, guidance=args.guidance,
-                           context=args.context, callbacks=[bar, timer, nbytes])
-    video = video[: args.context + n_frames]
+                           context=context, image=image, callbacks=[bar, timer, nbytes])
+    video = video[: context + n_frames]
 
     out = Path(args.out) if args.out else Path(cfg.out) / "generate"
     stem = out / f"{cfg.preset}_{cfg.memory.policy}_seed{cfg.seed}"
@@ -74,7 +103,7 @@ def run(args, cfg) -> int:
     meta.update(
         seconds=seconds, frames=int(video.shape[0]), fps=cfg.data.fps, ckpt=args.ckpt, device=str(device),
         chunk_latency_s=timer.latencies, kv_bytes=nbytes.nbytes,
-        camera=meta["camera"][: video.shape[0]],
+        camera=meta["camera"][: video.shape[0]], image=crop,
     )
     atomic_write_json(stem.with_suffix(".json"), meta)
     lat = sorted(timer.latencies)[len(timer.latencies) // 2]
@@ -84,3 +113,23 @@ def run(args, cfg) -> int:
         print(f"slow memory: {len(meta['promoted'])} frames promoted (memory.tau={cfg.memory.tau:g}, "
               f"memory.promotion={cfg.memory.promotion}), {cfg.memory.slow_frames} held at most")
     return 0
+
+
+def start_image(args, cfg):
+    """--image for the native model -> (frame float [3, H, W], crop record, context frames it fills)."""
+    from cf.errors import CfError
+    from cf.image import load_image, to_frame
+
+    chunk = cfg.model.frames_per_chunk
+    if cfg.model.channels != 3:
+        raise CfError(f"--image needs a model of RGB frames (model.channels=3); this one has "
+                      f"model.channels={cfg.model.channels} and no VAE to encode a picture: use --model wan")
+    if args.context is None:  # what the student continues, rounded up to whole chunks, at least one
+        context = max(chunk, -(-cfg.student.context_frames // chunk) * chunk)
+    else:
+        context = args.context
+        if context < chunk or context % chunk:
+            raise CfError(f"--context {context} with --image: the picture fills the first context frames, "
+                          f"a positive multiple of model.frames_per_chunk={chunk}")
+    frame, crop = load_image(args.image, cfg.data.height, cfg.data.width)
+    return to_frame(frame), crop, context

@@ -255,8 +255,10 @@ def run_command(args, cfg) -> int:
             "transformer/, text_encoder/, tokenizer/, vae/) and optionally --ckpt FILE / "
             "--lora DIR; docs/wan.md"
         )
-    if getattr(args, "context", 0):
+    if getattr(args, "context", None):
         raise CfError("--context continues a world's clean frames; it does not apply to --model wan")
+    if getattr(args, "image", None) is not None:
+        raise CfError("--image is not read by --model wan yet; start a native model from it")
     from cf.rollout import Progress
 
     out = Path(args.out) if args.out else Path(cfg.out) / "generate"
