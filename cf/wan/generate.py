@@ -94,6 +94,7 @@ def run_wan(
     vae=None,
     decode: bool = True,
     heads: int | None = None,
+    image: str | Path | None = None,
     callbacks=(),
 ) -> dict:
     """Generate and write `<out>/<stem>.mp4` + `<stem>.json`; returns the JSON's dict.
@@ -102,6 +103,12 @@ def run_wan(
     AutoencoderKLWan (default: from --weights; decode=False writes latents' first channels instead, for speed
     runs without a VAE). guidance: None = 1 for the few-step student (Self-Forcing and its descendants
     distil guidance in), diffusion.cfg_scale for sampler=teacher.
+
+    image: a PNG/JPEG to start from. It is resized and centre-cropped to the video's pixel size (`cf.image`),
+    held still for one chunk of latents (1 + 4 * (C - 1) video frames) and encoded by the Wan VAE
+    (`encode_still`: the first latent is the picture alone, as in Wan's I2V); those C latents are the
+    rollout's clean context, read through the memory policy like any history (a sink keeps them for good),
+    and their decoded frames open the video. The JSON records the crop and the VAE's round trip of frame 0.
     """
     from cf.config import config_hash
     from cf.diffusion import build_sampler
@@ -119,6 +126,10 @@ def run_wan(
     device = pick_device(cfg.device)
     dtype = compute_dtype(cfg, device)
     chunk = cfg.model.frames_per_chunk
+    if image is not None and not decode:
+        raise CfError("--image is encoded by the Wan VAE; it cannot run with decode=False")
+    if image is not None:  # the picture is read and checked before any weights load
+        _check_picture(image)
     w = read_wan(weights, ckpt, lora, heads=heads)
     model = w.build(cfg.data, frames_per_chunk=chunk, dtype=dtype, device=device).eval()
     if text is None:
@@ -153,10 +164,23 @@ def run_wan(
     n_latents = max(1, int(round(seconds * cfg.data.fps)))
     n_chunks = -(-n_latents // chunk)
     video_fps = int(cfg.data.fps * decoder.temporal) if decoder is not None else int(cfg.data.fps)
+    context, crop, first_error, start_frames, t_image = None, None, None, 0, 0.0
+    if image is not None:
+        t_image = time.perf_counter()
+        from cf.image import load_image, to_frame
+        from cf.wan.vae import encode_still
+
+        pixels, crop = load_image(image, cfg.data.height * decoder.spatial, cfg.data.width * decoder.spatial)
+        context = encode_still(decoder.vae, to_frame(pixels), chunk).to(device, dtype)
 
     out = Path(out)
     stem = out / f"wan_{cfg.memory.policy}_seed{cfg.seed}"
     writer = Mp4Stream(stem.with_suffix(".mp4"), video_fps)
+    if context is not None:  # the picture's frames, as the VAE gives them back, open the video
+        start = decoder.decode(context)[0].float().cpu()
+        first_error = _round_trip(start[0], to_frame(pixels))
+        writer.write(to_uint8(start))
+        start_frames, t_image = start.shape[0], time.perf_counter() - t_image
 
     class Decode(RolloutCallback):
         """Each chunk's latents decoded (causally, continuing the video) and appended to the mp4."""
@@ -185,6 +209,7 @@ def run_wan(
                 build_sampler(cfg.diffusion, sampler),
                 cond,
                 n_chunks,
+                context=context,
                 generator=gen,
                 guidance=guidance,
                 callbacks=[timer, nbytes, dec, *callbacks],
@@ -196,6 +221,7 @@ def run_wan(
         raise
     dit_s = sum(timer.latencies)  # the timer ends each chunk before Decode runs: DiT (and cache) only
     frames = writer.frames
+    made = frames - start_frames  # generated frames (the picture's opening frames were encoded, not made)
     meta = {
         "model": "wan",
         "prompt": prompt,
@@ -207,7 +233,12 @@ def run_wan(
         "memory": {k: cfg.memory[k] for k in cfg.memory},
         "promoted": list(cache.state.promoted) if policy.slow else None,
         "seconds": seconds,
-        "latent_frames": n_chunks * chunk,
+        "latent_frames": n_chunks * chunk + (0 if context is None else chunk),
+        "image": crop,
+        # --image: the picture's latents are clean context read through the memory policy (docs/wan.md)
+        "image_mode": None if context is None else "context",
+        "context_latents": 0 if context is None else chunk,
+        "first_frame_round_trip": first_error,
         "frames": frames,
         "fps": video_fps,
         "height": int(cfg.data.height * (decoder.spatial if decoder else 1)),
@@ -223,8 +254,9 @@ def run_wan(
             "text_s": t_text,
             "dit_s": dit_s,
             "total_s": time.perf_counter() - t_start,
-            "video_fps_dit": frames / dit_s if dit_s > 0 else None,
-            "video_fps_with_decode": frames / (dit_s + sum(dec.seconds)) if timer.latencies else None,
+            "image_s": t_image,
+            "video_fps_dit": made / dit_s if dit_s > 0 else None,
+            "video_fps_with_decode": made / (dit_s + sum(dec.seconds)) if timer.latencies else None,
         },
         "kv_bytes": nbytes.nbytes,
         "config_hash": config_hash(cfg),
@@ -232,6 +264,22 @@ def run_wan(
     }
     atomic_write_json(stem.with_suffix(".json"), meta)
     return {**meta, "mp4": str(stem.with_suffix(".mp4")), "json": str(stem.with_suffix(".json"))}
+
+
+def _check_picture(image) -> None:
+    """Read the picture once before the weights load, so a bad file fails in a second, not after minutes
+    (what is refused does not depend on the size it is fitted to)."""
+    from cf.image import load_image
+
+    load_image(image, 8, 8)
+
+
+def _round_trip(decoded: torch.Tensor, picture: torch.Tensor) -> dict:
+    """How far the VAE's frame 0 is from the resized picture: max and mean |difference| in [0, 255], PSNR."""
+    diff = (decoded.float() - picture.float()).abs() * 127.5
+    mse = float(((decoded.float() - picture.float()) / 2).pow(2).mean())
+    return {"max_abs_255": float(diff.max()), "mean_abs_255": float(diff.mean()),
+            "psnr_db": float(10 * np.log10(1 / max(mse, 1e-10)))}
 
 
 def run_command(args, cfg) -> int:
@@ -257,8 +305,6 @@ def run_command(args, cfg) -> int:
         )
     if getattr(args, "context", None):
         raise CfError("--context continues a world's clean frames; it does not apply to --model wan")
-    if getattr(args, "image", None) is not None:
-        raise CfError("--image is not read by --model wan yet; start a native model from it")
     from cf.rollout import Progress
 
     out = Path(args.out) if args.out else Path(cfg.out) / "generate"
@@ -276,6 +322,7 @@ def run_command(args, cfg) -> int:
         guidance=args.guidance,
         sampler=args.sampler,
         out=out,
+        image=getattr(args, "image", None),
         callbacks=[bar],
     )
     t = meta["timing"]

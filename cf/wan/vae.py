@@ -35,6 +35,25 @@ def load_vae(weights: str | Path, device: str | torch.device = "cpu", dtype: tor
     )
 
 
+@torch.no_grad()
+def encode_still(vae, frame: Tensor, n_latents: int) -> Tensor:
+    """A picture held still, encoded into `n_latents` latent frames in the transformer's (normalised) space.
+
+    frame: float [3, H, W] in [-1, 1] at the VAE's pixel size. The still clip has 1 + t * (n_latents - 1)
+    frames (t the temporal compression, Wan: 4); the causal encoder makes its first latent frame from the
+    picture alone, exactly as Wan's image-to-video pipelines encode their conditioning image, and each
+    later one from 4 more copies. Returns [1, n_latents, C, H / s, W / s] (the distribution's mode)."""
+    if n_latents < 1:
+        raise CfError(f"a picture needs at least one latent frame, got n_latents={n_latents}")
+    p = next(vae.parameters())
+    temporal = 2 ** sum(vae.config.temperal_downsample)
+    clip = frame.to(p.device, p.dtype)[None, :, None].expand(1, -1, 1 + temporal * (n_latents - 1), -1, -1)
+    z = vae.encode(clip.contiguous()).latent_dist.mode()  # [1, C, F, h, w]
+    mean = torch.tensor(vae.config.latents_mean, device=p.device, dtype=p.dtype).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=p.device, dtype=p.dtype).view(1, -1, 1, 1, 1)
+    return ((z - mean) / std).permute(0, 2, 1, 3, 4)
+
+
 class StreamDecoder:
     """decode(latents [B, F, C, h, w]) -> frames [B, T, 3, H, W] in [-1, 1], continuing the video."""
 
