@@ -214,6 +214,8 @@ def render(name: str, rows: pd.DataFrame, description: str = "") -> str:
         ("Summary (Table 2 layout)", lambda: tables.table2(rows)),
         ("Revisit retention by lag (1 = reproduces what it showed, 0 = chance)",
          lambda: tables.revisit_table(rows, "retention")),
+        ("Share of the compared pixels the clean context frames showed, by lag (what an attention sink "
+         "could serve; 0 = out of its reach)", lambda: tables.revisit_table(rows, "sink_share")),
         ("Revisit PSNR (dB) by lag", lambda: tables.revisit_table(rows, "psnr")),
         ("Teacher continuation PSNR (dB) on held-out clips", lambda: _teacher_table(rows)),
         (

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cf.config import load_config
 from cf.errors import CfError
 from cf.metrics.backbones import get_backbone
 from cf.metrics.consistency import Drift, FirstFrameConsistency, VBenchConsistency, vbench_consistency
@@ -287,6 +288,44 @@ def test_chance_frames_are_other_places_at_a_similar_distance_in_time():
         assert all(xs[f] != xs[b] for f in ref)
     # at most k references, spread over the window
     assert all(len(r) <= 2 for r in chance_frames(pairs, k=2))
+
+
+def _chance_frames_by_loop(pairs, camera, hw, k=8):
+    """The chance references written as the definition reads, frame by frame (a reference for the
+    vectorised `chance_frames`)."""
+    rows = pairs.tolist()
+    firsts = sorted({a for a, _, _ in rows})
+    chain = {}
+    for a, b, _ in rows:  # one place = one chain of pairs; label every frame by its chain's members
+        ids = chain.get(a, {a}) | chain.get(b, {b})
+        for f in ids:
+            chain[f] = ids
+    out = []
+    for _, b, lag in rows:
+        if camera is None:
+            cands = [f for f in firsts if f < b and f not in chain.get(b, {b})]
+        else:
+            cands = [f for f in range(b) if abs(float(camera[f][0] - camera[b][0])) >= hw[1]
+                     or abs(float(camera[f][1] - camera[b][1])) >= hw[0]]
+        near = [f for f in cands if lag / 2 <= b - f <= 2 * lag]
+        if not near:
+            near = sorted(sorted(cands, key=lambda f: (abs(math.log((b - f) / lag)), f))[:k])
+        if len(near) > k:
+            near = [near[round(i * (len(near) - 1) / (k - 1))] for i in range(k)]
+        out.append(near)
+    return out
+
+
+@pytest.mark.parametrize("path", ["tour_anchored", "random"])
+def test_chance_frames_equal_the_frame_by_frame_definition(path):
+    from cf.data.world import World
+
+    c = load_config("tiny", overrides=[f"data.camera_path={path}", "data.revisit_lags=[120]"])
+    clip = World(c.data, 4).render(300)
+    pairs = torch.tensor(clip.revisits)
+    assert len(pairs) > 50
+    assert chance_frames(pairs, clip.camera, (32, 32)) == _chance_frames_by_loop(pairs, clip.camera, (32, 32))
+    assert chance_frames(pairs) == _chance_frames_by_loop(pairs, None, None)
 
 
 def test_revisit_pairs_and_masks_are_checked():

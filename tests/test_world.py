@@ -12,7 +12,7 @@ from cf.errors import CfError
 from cf.registry import UnknownNameError
 from cf.video import read_video, to_float, to_uint8
 
-PATHS = ["pingpong", "random", "revisit", "tour"]
+PATHS = ["pingpong", "random", "revisit", "tour", "tour_anchored"]
 
 
 def cfg(preset="smoke", *overrides):

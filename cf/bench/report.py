@@ -100,6 +100,12 @@ def write_results(result: BenchResult, out_dir: Path, scorer, entries: list[Entr
             "Revisit retention by lag (1 = reproduces what it showed, 0 = chance)",
             tables.revisit_table(result.runs, "retention"),
         )
+        if tables.revisit_bins(result.runs, "sink_share"):
+            texts["revisit_sink"] = (
+                "Share of the compared pixels the clean context frames showed, by lag (what an attention "
+                "sink could serve; 0 = out of its reach)",
+                tables.revisit_table(result.runs, "sink_share"),
+            )
         texts["revisit_psnr"] = ("Revisit PSNR (dB) by lag", tables.revisit_table(result.runs, "psnr"))
         texts["revisit_chance"] = (
             "Chance PSNR (dB) by lag: the revisit frame against first visits of other places",

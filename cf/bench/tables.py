@@ -148,7 +148,7 @@ def revisit_table(df: pd.DataFrame, what: str = "retention") -> str:
     bins = revisit_bins(df, what)
     if not bins:
         raise CfError(f"revisit table: no revisit_{what}_lag_<lo>-<hi>s columns in the rows")
-    spec = {"retention": ".2f", "lpips": ".3f"}.get(what, ".1f")
+    spec = {"retention": ".2f", "lpips": ".3f", "sink_share": ".2f"}.get(what, ".1f")
     out: dict[str, list[str]] = {"lag (s)": [f"{lo:g}-{hi:g}" for lo, hi, _ in bins]}
     for _, r in df.iterrows():
         out[row_label(r)] = [fmt(r[col], spec) for _, _, col in bins]

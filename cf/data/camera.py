@@ -18,6 +18,7 @@ import numpy as np
 from cf.registry import Registry
 
 CHUNK = 256  # positions per chunk of the closed-form and random-walk paths
+TOURS = ("tour", "tour_anchored")  # the paths built on the tour's loop (a 3-frame-wide panorama, one lag)
 
 
 @dataclass(frozen=True)
@@ -153,15 +154,37 @@ def tour(spec: PathSpec, rng: np.random.Generator) -> Iterator[list[int]]:
     end, which it reaches exactly L = max(spec.lags) frames after it last left it. So each end's view is
     out of sight for L frames (the longest lag), the excursions add middle lags and the pans inside the
     zone short ones. Needs a panorama at least 3 frame widths wide (a zone that sees neither end)."""
+    yield [0]
+    yield from _tour_from(0, spec, rng, dwell=(0, spec.span))
+
+
+def tour_anchored(spec: PathSpec, rng: np.random.Generator) -> Iterator[list[int]]:
+    """`tour` anchored away from its first frames: the camera starts at end B (x = span) and pans to end A,
+    so the first frames (the clean context a rollout starts from, which an attention sink keeps) show B's
+    side. It never dwells at A: it turns there at once, and spends the time between crossings at B (1-3
+    excursions into the middle zone, as `tour` does at both ends). So A is out of sight for exactly
+    L = max(spec.lags) frames between visits and the longest lags all return to A's side, whose views
+    ([0, 2 * view) at most) miss the first frames' while those stay right of x = 2 * view (at tiny's
+    bench world, 4 context frames show [84, 128) and A's side [0, 64)); B's places come back at the
+    excursions' middle lags."""
+    yield [spec.span]
+    yield from _tour_from(spec.span, spec, rng, dwell=(spec.span,))
+
+
+def _tour_from(x: int, spec: PathSpec, rng: np.random.Generator, dwell: tuple[int, ...]) -> Iterator[list[int]]:
+    """The tour's loop from end `x` (0 or span), the camera already there: it crosses to the other end, and
+    at the ends in `dwell` spends the frames until the next crossing on excursions into the middle zone,
+    so the end it left is reached again exactly L = max(spec.lags) frames after (see `tour`); at an end
+    not in `dwell` it turns back at once."""
     step, span, view = _step(spec), spec.span, spec.view
     lo, hi = view, span - view  # the zone whose views overlap neither end's
     long = max(spec.lags)
-    x = 0
-    yield [x]
     while True:
         cross = _travel(x, span - x, step)
         yield cross
         x = cross[-1]
+        if x not in dwell:
+            continue
         fill = long - 2 * len(cross)  # frames at this end before crossing back
         into = _travel(x, hi if x == span else lo, step)  # the legs between the end and the zone
         parts = []
@@ -186,5 +209,6 @@ CAMERA_PATHS.add("pingpong", CameraPath(pingpong, "pans back and forth at {speed
 CAMERA_PATHS.add("random", CameraPath(random_walk, "wanders at about {speed:g} pixels per frame, pausing "
                                                    "and turning back at random"))
 CAMERA_PATHS.add("tour", CameraPath(tour, "pans back and forth at {speed:g} pixels per frame"))
+CAMERA_PATHS.add("tour_anchored", CameraPath(tour_anchored, "pans back and forth at {speed:g} pixels per frame"))
 CAMERA_PATHS.add("revisit", CameraPath(revisit, "leaves places and comes back to them, moving at "
                                                 "{speed:g} pixels per frame"))

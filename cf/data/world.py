@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cf.data import textures as tx
-from cf.data.camera import CAMERA_PATHS, PathSpec, reflect
+from cf.data.camera import CAMERA_PATHS, TOURS, PathSpec, reflect
 from cf.errors import CfError
 
 __all__ = ["CAMERA_PATHS", "Clip", "Subject", "World", "find_revisits", "seed_sequence", "visibility_age"]
@@ -290,10 +290,10 @@ def _check(d, spec: PathSpec, pano_width: int) -> None:
         )
     if d.n_landmarks < 0 or d.n_subjects < 0:
         raise CfError(f"data.n_landmarks={d.n_landmarks} and data.n_subjects={d.n_subjects} must be >= 0")
-    if d.camera_path == "tour" and spec.span < 2 * spec.view:
-        raise CfError(f"data.camera_path=tour needs a panorama at least 3 frames wide (a middle zone that "
+    if d.camera_path in TOURS and spec.span < 2 * spec.view:
+        raise CfError(f"data.camera_path={d.camera_path} needs a panorama at least 3 frames wide (a middle zone that "
                       f"sees neither end); data.pano_frames={d.pano_frames} gives {pano_width} px for "
                       f"{d.width} px frames: raise data.pano_frames")
-    if d.camera_path in ("revisit", "tour") and (not spec.lags or min(spec.lags) < 2):
+    if d.camera_path in ("revisit", *TOURS) and (not spec.lags or min(spec.lags) < 2):
         raise CfError(f"data.revisit_lags={list(spec.lags)}: the revisit path needs at least one lag, "
                       "all >= 2")

@@ -18,7 +18,10 @@ Columns (floats; NaN = not measured). Consistencies are cosines in [0, 1] (table
                                        dynamic degree: cf's stand-in for VBench's 16-dimension Total
   ``realism_fd_<bb>``                  Fréchet distance of the frames' <bb> features to real clips
   ``revisit_psnr``, ``revisit_chance_psnr``, ``revisit_retention``, ``revisit_lpips``  over all pairs
-  ``revisit_<what>_lag_<lo>-<hi>s``    the same per lag bin (what: psnr, chance_psnr, retention, lpips)
+  ``revisit_sink_share``               share of the compared pixels whose place the clean context frames
+                                       showed (what an attention sink could serve; NaN without a camera)
+  ``revisit_<what>_lag_<lo>-<hi>s``    the same per lag bin (what: psnr, chance_psnr, retention, lpips,
+                                       sink_share)
   ``effective_context_s``              longest lag up to which retention holds;
                                        ``effective_context_is_lower_bound`` 1 when it held at every lag
 """
@@ -32,9 +35,9 @@ FIRST_FRAME = re.compile(r"^first_frame_(?P<backbone>[a-z0-9]+)_at_(?P<t>\d+(?:\
 CONSISTENCY = re.compile(
     r"^(?P<role>subject_|background_)?consistency_(?P<backbone>[a-z0-9]+)(?P<term>_long|_whole)?$")
 REVISIT_LAG = re.compile(
-    r"^revisit_(?P<what>psnr|chance_psnr|retention|lpips)_lag_(?P<lo>\d+(?:\.\d+)?)-(?P<hi>\d+(?:\.\d+)?|inf)s$")
+    r"^revisit_(?P<what>psnr|chance_psnr|retention|lpips|sink_share)_lag_(?P<lo>\d+(?:\.\d+)?)-(?P<hi>\d+(?:\.\d+)?|inf)s$")
 REALISM = re.compile(r"^realism_fd_(?P<backbone>[a-z0-9]+)$")
-REVISIT_MEASURES = ("retention", "psnr", "chance_psnr", "lpips")
+REVISIT_MEASURES = ("retention", "psnr", "chance_psnr", "lpips", "sink_share")
 TERMS = {"clips": "", "long_range": "_long", "whole": "_whole"}
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
@@ -118,43 +119,59 @@ def chance_frames(pairs: torch.Tensor, camera=None, hw: tuple[int, int] | None =
     hw: the frame size (needed with a camera)."""
     k = CHANCE_FRAMES if k is None else k
     rows = pairs.tolist()
-    firsts = sorted({a for a, _, _ in rows})
-    parent: dict[int, int] = {}
-
-    def root(f: int) -> int:  # union-find over frames linked by a pair: one chain = one place
-        parent.setdefault(f, f)
-        while parent[f] != f:
-            parent[f] = parent[parent[f]]
-            f = parent[f]
-        return f
-
-    for a, b, _ in rows:
-        parent[root(a)] = root(b)
+    firsts = np.array(sorted({a for a, _, _ in rows}), dtype=np.int64)
     if camera is not None:
-        cam = torch.as_tensor(camera, dtype=torch.float64).reshape(-1, 2)
+        cam = torch.as_tensor(camera, dtype=torch.float64).reshape(-1, 2).numpy()
         h, w = hw
-
-        def other(f: int, b: int) -> bool:
-            dx, dy = (cam[f] - cam[b]).abs().tolist()
-            return dx >= w or dy >= h
     else:
+        parent: dict[int, int] = {}
 
-        def other(f: int, b: int) -> bool:
-            return root(f) != root(b)
+        def root(f: int) -> int:  # union-find over frames linked by a pair: one chain = one place
+            parent.setdefault(f, f)
+            while parent[f] != f:
+                parent[f] = parent[parent[f]]
+                f = parent[f]
+            return f
+
+        for a, b, _ in rows:
+            parent[root(a)] = root(b)
+        first_roots = np.array([root(int(f)) for f in firsts], dtype=np.int64)
 
     out = []
     for _, b, lag in rows:
         # with a camera every earlier frame's place is known; without one, only the frames of pairs
-        pool = range(b) if camera is not None else firsts
-        cands = [f for f in pool if f < b and other(f, b)]
-        near = [f for f in cands if lag / 2 <= b - f <= 2 * lag]
+        if camera is not None:
+            pool = np.arange(b)
+            dx, dy = np.abs(cam[:b, 0] - cam[b, 0]), np.abs(cam[:b, 1] - cam[b, 1])
+            cands = pool[(dx >= w) | (dy >= h)]
+        else:
+            cands = firsts[(firsts < b) & (first_roots != root(b))]
+        dist = b - cands
+        near = cands[(lag / 2 <= dist) & (dist <= 2 * lag)].tolist()
         if not near:  # nothing at a similar distance in time: the nearest in log-time
-            cands.sort(key=lambda f: (abs(math.log((b - f) / lag)), f))
-            near = sorted(cands[:k])
+            near = sorted(sorted(cands.tolist(), key=lambda f: (abs(math.log((b - f) / lag)), f))[:k])
         if len(near) > k:  # evenly spread over the window, deterministic
             near = [near[round(i * (len(near) - 1) / (k - 1))] for i in range(k)] if k > 1 else near[:1]
         out.append(near)
     return out
+
+
+def held_share(pairs: torch.Tensor, masks: torch.Tensor | None, camera, hw: tuple[int, int],
+               held_frames: int) -> torch.Tensor:
+    """float64 [P]: for each pair, the share of its compared pixels (mask) whose place the first
+    `held_frames` frames showed, i.e. what a memory that keeps only the video's first frames (an attention
+    sink, the clean context) could serve. camera: [T, 2] (x, y) pixels per frame; hw: the frame size."""
+    cam = torch.as_tensor(camera, dtype=torch.float64).reshape(-1, 2)
+    h, w = hw
+    first = cam[:held_frames]  # [K, 2]
+    at = cam[pairs[:, 1]]  # [P, 2]: where each revisit frame looks
+    xs = at[:, :1] + torch.arange(w, dtype=torch.float64)  # [P, W] world x of each column
+    ys = at[:, 1:] + torch.arange(h, dtype=torch.float64)  # [P, H]
+    in_x = (xs[..., None] >= first[:, 0]) & (xs[..., None] < first[:, 0] + w)  # [P, W, K]
+    in_y = (ys[..., None] >= first[:, 1]) & (ys[..., None] < first[:, 1] + h)  # [P, H, K]
+    held = (in_y[:, :, None, :] & in_x[:, None, :, :]).any(-1)  # [P, H, W]
+    m = torch.ones_like(held) if masks is None else masks.to(held.device)
+    return (held & m).flatten(1).sum(1).double() / m.flatten(1).sum(1).double().clamp_min(1)
 
 
 def chance_errors(video: torch.Tensor, pairs: torch.Tensor, masks: torch.Tensor | None, refs: list[list[int]],
@@ -212,16 +229,19 @@ class RevisitError(Metric):
     """Revisit error and chance by lag bin over all pairs seen. `compute` -> dict of [L] tensors (one per
     non-empty bin of `LAG_EDGES_S`): lag (mean, frames), lag_s (mean), lag_max_s, lo_s, hi_s (bin edges),
     pairs, mse, psnr (of the mean MSE), lpips (NaN without an LPIPS net), chance_mse, chance_psnr,
-    chance_lpips, retention, retention_lpips; and `skipped` (pairs whose mask was empty)."""
+    chance_lpips, retention, retention_lpips, sink_share (the mean share of compared pixels whose place
+    the first `held_frames` frames showed, `held_share`: what a sink could serve; NaN without a camera or
+    with held_frames=0); and `skipped` (pairs whose mask was empty)."""
 
     full_state_update = False
     higher_is_better = None
     is_differentiable = False
-    PER_PAIR = ("lag", "lag_s", "mse", "lpips_value", "chance_mse", "chance_lpips")
+    PER_PAIR = ("lag", "lag_s", "mse", "lpips_value", "chance_mse", "chance_lpips", "held")
 
-    def __init__(self, lpips=None, **kwargs):
+    def __init__(self, lpips=None, held_frames: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.lpips = lpips
+        self.held_frames = int(held_frames)
         for name in self.PER_PAIR:
             self.add_state(name, default=[], dist_reduce_fx="cat")
         self.add_state("skipped", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
@@ -249,10 +269,13 @@ class RevisitError(Metric):
         self.lpips_value.append(err["lpips"])
         self.chance_mse.append(chance["mse"].to(lag.device))
         self.chance_lpips.append(chance["lpips"].to(lag.device))
+        held = (held_share(pairs, masks, camera, hw, self.held_frames) if camera is not None and self.held_frames
+                else torch.full_like(lag, math.nan))
+        self.held.append(held.to(lag.device))
 
     def compute(self) -> dict[str, torch.Tensor]:
         keys = ("lag", "lag_s", "lag_max_s", "lo_s", "hi_s", "pairs", "mse", "psnr", "lpips", "chance_mse",
-                "chance_psnr", "chance_lpips", "retention", "retention_lpips")
+                "chance_psnr", "chance_lpips", "retention", "retention_lpips", "sink_share")
         if not self.lag:
             empty = torch.zeros(0, dtype=torch.float64)
             return {**{k: empty for k in keys}, "skipped": self.skipped}
@@ -280,6 +303,7 @@ class RevisitError(Metric):
                 "chance_psnr": psnr_from_mse(chance), "chance_lpips": chance_lp,
                 "retention": retention(mse, chance),
                 "retention_lpips": retention(lp, chance_lp),
+                "sink_share": mean(self.held, True),
                 "skipped": self.skipped}
 
 

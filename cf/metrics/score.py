@@ -121,6 +121,12 @@ def _motion(dyn: dict) -> dict:
     return {k: _num(dyn[k]) for k in MOTION}
 
 
+def _pooled(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The w-weighted mean of x over its non-NaN entries (NaN when there are none)."""
+    ok = ~torch.isnan(x)
+    return (x * w)[ok].sum() / w[ok].sum() if ok.any() else torch.tensor(math.nan)
+
+
 def revisit_section(r: dict | None) -> tuple[dict | None, dict]:
     """(the 'revisit' block, the effective-context keys) from `RevisitError.compute()`'s output."""
     none = {"effective_context_s": None, "effective_context_is_lower_bound": None}
@@ -135,12 +141,12 @@ def revisit_section(r: dict | None) -> tuple[dict | None, dict]:
     chance = (r["chance_mse"] * w)[ok].sum() / w[ok].sum() if ok.any() else torch.tensor(math.nan)
     mse_ok = (r["mse"] * w)[ok].sum() / w[ok].sum() if ok.any() else torch.tensor(math.nan)
     keys = ("lo_s", "hi_s", "lag", "lag_s", "lag_max_s", "pairs", "mse", "psnr", "lpips", "chance_mse",
-            "chance_psnr", "chance_lpips", "retention", "retention_lpips")
+            "chance_psnr", "chance_lpips", "retention", "retention_lpips", "sink_share")
     by_lag = [{k: (int(r[k][i]) if k == "pairs" else _num(r[k][i])) for k in keys} for i in range(len(w))]
     block = {"pairs": int(w.sum()), "skipped_pairs": int(r["skipped"]), "mse": _num(mse),
              "psnr": _num(psnr_from_mse(mse)), "lpips": _num((r["lpips"] * w).sum() / w.sum()),
              "chance_psnr": _num(psnr_from_mse(chance)), "retention": _num(retention(mse_ok, chance)),
-             "by_lag": by_lag}
+             "sink_share": _num(_pooled(r["sink_share"], w)), "by_lag": by_lag}
     lag, bound = effective_context(r["lag_max_s"].tolist(), r["retention"].tolist())
     return block, {"effective_context_s": lag,
                    "effective_context_is_lower_bound": None if lag is None else bound}
@@ -183,7 +189,10 @@ class VideoScorer:
                             for role, bb in roles]
         self.smoothness = MotionSmoothness().to(self.device)
         self.dynamic = DynamicDegree(flow=b.flow, flow_weights=b.flow_weights).to(self.device)
-        self.revisit = RevisitError(self.lpips).to(self.device)
+        # the clean context frames every rollout starts from (what an attention sink keeps, or part of it):
+        # each lag bin reports the share of its compared pixels that these frames showed
+        self.held_frames = int(cfg.student.context_frames)
+        self.revisit = RevisitError(self.lpips, held_frames=self.held_frames).to(self.device)
         self.realism = None
         self.videos = 0
 
@@ -216,7 +225,8 @@ class VideoScorer:
                         "consistency": {consistency_column(role, bb.name): f"{role}: {bb.label}"
                                         for role, bb, _ in self.consistency}},
             "settings": {"segment_s": self.segment_s, "clip_s": self.clip_s, "psnr_cap_db": PSNR_CAP_DB,
-                         "retention_level": RETENTION_LEVEL, "chance_frames": CHANCE_FRAMES},
+                         "retention_level": RETENTION_LEVEL, "chance_frames": CHANCE_FRAMES,
+                         "sink_share_frames": self.held_frames},
         }
         if self.realism is not None:
             out["realism"] = {"backbone": self.realism.backbone.label, "frame_stride": self.realism_stride,
