@@ -28,6 +28,15 @@ def headline(rows: pd.DataFrame) -> list[tuple[str, str, str, float]]:
     return [h for h in out if h[0] in rows.columns and rows[h[0]].notna().any()]
 
 
+CUT = "†"  # a seed one of whose stages a wall-clock cap stopped before its planned steps
+
+
+def cut_short(row) -> bool:
+    """Whether any training stage of this pipeline row stopped before its planned steps (its
+    `<stage>/cut_short` metric, logged by every stage run)."""
+    return any(str(c).endswith("/cut_short") and row[c] == 1 for c in row.index)
+
+
 def _key(row) -> str:
     """A row's name in the seed tables and MLflow keys: its variant, or method-memory outside a grid."""
     return str(row["variant"]) or f"{row['method']}-{row['memory']}"
@@ -48,7 +57,8 @@ def seed_tables(per_seed: pd.DataFrame, reference: str | None) -> tuple[str | No
     for name in names:
         g = keyed[keyed["_key"] == name]
         out["model"].append(row_label(g.iloc[0]))
-        out["seeds"].append(", ".join(str(int(x)) for x in sorted(g["seed"])))
+        out["seeds"].append(", ".join(f"{int(r['seed'])}{CUT if cut_short(r) else ''}"
+                                      for _, r in g.sort_values("seed").iterrows()))
         for col, head, spec, scale in heads:
             cell = seedstats.interval(g[col]).text(spec, scale)
             bound = g.get("effective_context_is_lower_bound")
@@ -59,7 +69,8 @@ def seed_tables(per_seed: pd.DataFrame, reference: str | None) -> tuple[str | No
         "## Seeds: mean [95% interval] (Student t over training seeds)",
         "",
         "Each seed trains every stage again (teachers included) and is benchmarked on the same worlds. "
-        "Context: ≥ when every seed's was a lower bound (every lag bin held).",
+        "Context: ≥ when every seed's was a lower bound (every lag bin held). "
+        f"{CUT}: a wall-clock cap stopped one of that seed's stages before its planned steps (cut short).",
         "",
         markdown(pd.DataFrame(out)),
     ]

@@ -62,6 +62,8 @@ def test_cf_tables_shows_seed_intervals_and_paired_differences(tmp_path):
         + [_row("longlive", "longlive", "sink", s, c, d, 10 + s) for s, c, d in
            [(0, 1.0, 0.52), (1, 2.0, 0.58), (2, 4.0, 0.45)]]
     )
+    # a wall-clock cap stopped longlive seed 1's teacher before its planned steps: its seed is marked
+    df["teacher/cut_short"] = [0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     written = results.write_tables(cfg, out=tmp_path, runs=df)
     assert sorted(p.name for p in written) == ["claims.csv", "claims.md", "claims.paired.csv"]
     md = (tmp_path / "tiny" / "claims.md").read_text()
@@ -72,6 +74,8 @@ def test_cf_tables_shows_seed_intervals_and_paired_differences(tmp_path):
     cf_row = [c.strip() for c in seeds[2].split("|")[1:-1]]
     ctx = seedstats.interval([10.0, 12.0, 14.0])
     assert cf_row[:3] == ["context_forcing (slowfast)", "0, 1, 2", ctx.text(".1f")]
+    ll_row = [c.strip() for c in seeds[3].split("|")[1:-1]]
+    assert ll_row[:2] == ["longlive (sink)", "0, 1†, 2"] and "†: a wall-clock cap stopped" in md
     paired = [[c.strip() for c in ln.split("|")[1:-1]] for ln in lines if ln.startswith("| longlive ")]
     cells = [c for c in paired if c[0] == "longlive"][0]  # the paired row (others are 'longlive (sink)')
     diff = seedstats.interval([1.0 - 10.0, 2.0 - 12.0, 4.0 - 14.0])

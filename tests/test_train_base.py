@@ -403,3 +403,22 @@ def test_two_process_ddp_on_cpu_agrees_and_resumes(tmp_path):
     assert sorted(a["seen"] + b["seen"]) == list(range(10 * B * 2))  # each sample once across ranks
     assert res["killed", 0]["weights"] == a["weights"]  # resumed at step 6 of 10, exactly
     assert sorted(res["killed", 0]["seen"] + res["killed", 1]["seen"]) == list(range(6 * B * 2, 10 * B * 2))
+
+
+@pytest.mark.parametrize("minutes,cut", [(None, 0.0), (1e-9, 1.0)])
+def test_a_stage_reports_its_steps_and_whether_a_wall_clock_cut_it_short(tmp_path, monkeypatch, minutes, cut):
+    import contextlib
+
+    from cf import tracking
+    from cf.train.base import run_stage
+
+    logged: dict[str, float] = {}
+
+    class Recorder(tracking._NullRun):
+        def log_metrics(self, metrics, step=None):
+            logged.update(metrics)
+
+    monkeypatch.setattr(tracking, "start_run", lambda *a, **k: contextlib.nullcontext(Recorder()))
+    cfg = toy_cfg(f"trainer.max_minutes={'null' if minutes is None else minutes}")
+    run_stage(cfg, tmp_path, "toy", Toy(cfg, None), ToyData, max_steps=10, clock="trainer.max_minutes")
+    assert logged == {"toy/steps": 1.0 if cut else 10.0, "toy/planned_steps": 10.0, "toy/cut_short": cut}
