@@ -171,7 +171,8 @@ def tour_anchored(spec: PathSpec, rng: np.random.Generator) -> Iterator[list[int
     yield from _tour_from(spec.span, spec, rng, dwell=(spec.span,))
 
 
-def _tour_from(x: int, spec: PathSpec, rng: np.random.Generator, dwell: tuple[int, ...]) -> Iterator[list[int]]:
+def _tour_from(x: int, spec: PathSpec, rng: np.random.Generator,
+               dwell: tuple[int, ...]) -> Iterator[list[int]]:
     """The tour's loop from end `x` (0 or span), the camera already there: it crosses to the other end, and
     at the ends in `dwell` spends the frames until the next crossing on excursions into the middle zone,
     so the end it left is reached again exactly L = max(spec.lags) frames after (see `tour`); at an end
@@ -209,6 +210,7 @@ CAMERA_PATHS.add("pingpong", CameraPath(pingpong, "pans back and forth at {speed
 CAMERA_PATHS.add("random", CameraPath(random_walk, "wanders at about {speed:g} pixels per frame, pausing "
                                                    "and turning back at random"))
 CAMERA_PATHS.add("tour", CameraPath(tour, "pans back and forth at {speed:g} pixels per frame"))
-CAMERA_PATHS.add("tour_anchored", CameraPath(tour_anchored, "pans back and forth at {speed:g} pixels per frame"))
+CAMERA_PATHS.add("tour_anchored", CameraPath(tour_anchored,
+                                             "pans back and forth at {speed:g} pixels per frame"))
 CAMERA_PATHS.add("revisit", CameraPath(revisit, "leaves places and comes back to them, moving at "
                                                 "{speed:g} pixels per frame"))

@@ -269,8 +269,8 @@ class RevisitError(Metric):
         self.lpips_value.append(err["lpips"])
         self.chance_mse.append(chance["mse"].to(lag.device))
         self.chance_lpips.append(chance["lpips"].to(lag.device))
-        held = (held_share(pairs, masks, camera, hw, self.held_frames) if camera is not None and self.held_frames
-                else torch.full_like(lag, math.nan))
+        held = (held_share(pairs, masks, camera, hw, self.held_frames)
+                if camera is not None and self.held_frames else torch.full_like(lag, math.nan))
         self.held.append(held.to(lag.device))
 
     def compute(self) -> dict[str, torch.Tensor]:

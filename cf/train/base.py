@@ -333,7 +333,8 @@ def run_stage(
         last = fit(trainer, module, datamodule, out_dir, stage)
         # budgets are in steps; a wall-clock cap is a safety stop, and a run it ended early says so
         # (`cf tables` marks its seed), never silently
-        run.log_metrics({f"{stage}/steps": float(trainer.global_step), f"{stage}/planned_steps": float(max_steps),
+        run.log_metrics({f"{stage}/steps": float(trainer.global_step),
+                         f"{stage}/planned_steps": float(max_steps),
                          f"{stage}/cut_short": float(trainer.global_step < max_steps)})
         if evaluate is not None and trainer.is_global_zero:
             evaluate(trainer.global_step, time.monotonic() - t0)
