@@ -292,8 +292,8 @@ def _check(d, spec: PathSpec, pano_width: int) -> None:
         raise CfError(f"data.n_landmarks={d.n_landmarks} and data.n_subjects={d.n_subjects} must be >= 0")
     if d.camera_path in TOURS and spec.span < 2 * spec.view:
         raise CfError(f"data.camera_path={d.camera_path} needs a panorama at least 3 frames wide (a middle "
-                      f"zone that sees neither end); data.pano_frames={d.pano_frames} gives {pano_width} px for "
-                      f"{d.width} px frames: raise data.pano_frames")
+                      f"zone that sees neither end); data.pano_frames={d.pano_frames} gives {pano_width} px "
+                      f"for {d.width} px frames: raise data.pano_frames")
     if d.camera_path in ("revisit", *TOURS) and (not spec.lags or min(spec.lags) < 2):
         raise CfError(f"data.revisit_lags={list(spec.lags)}: the revisit path needs at least one lag, "
                       "all >= 2")
