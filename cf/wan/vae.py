@@ -19,19 +19,25 @@ from cf.errors import CfError
 
 
 def load_vae(weights: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The Wan VAE from a diffusers folder (`vae/` of a pipeline, or the folder itself) or Wan's own
+    `Wan2.1_VAE.pth` (in the folder, or the file itself; cf.wan.pth)."""
     try:
         from diffusers import AutoencoderKLWan
     except ImportError as e:
         raise CfError(f"the Wan VAE needs diffusers ({e}); pip install -e .[wan]") from None
-    d = Path(weights)
-    d = d / "vae" if (d / "vae").is_dir() else d
-    if not (d / "config.json").is_file():
-        raise CfError(
-            f"{d} holds no Wan VAE (config.json + diffusion_pytorch_model.safetensors); --weights must be "
-            f"a diffusers Wan pipeline folder with vae/ (docs/wan.md)"
-        )
-    return (
-        AutoencoderKLWan.from_pretrained(str(d), local_files_only=True, torch_dtype=dtype).to(device).eval()
+    from cf.wan.pth import VAE_FILE, load_vae_pth
+
+    root = Path(weights)
+    d = root / "vae" if (root / "vae").is_dir() else root
+    if (d / "config.json").is_file():
+        vae = AutoencoderKLWan.from_pretrained(str(d), local_files_only=True, torch_dtype=dtype)
+        return vae.to(device).eval()
+    pth = root if root.suffix == ".pth" and root.is_file() else root / VAE_FILE
+    if pth.is_file():
+        return load_vae_pth(pth, device=device, dtype=dtype)
+    raise CfError(
+        f"{root} holds no Wan VAE: --weights must hold vae/ (config.json + diffusion_pytorch_model"
+        f".safetensors, a diffusers Wan pipeline) or {VAE_FILE} (Wan's own release); see docs/wan.md"
     )
 
 
