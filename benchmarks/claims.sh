@@ -6,6 +6,10 @@
 #   benchmarks/claims.sh 0 1 2                     # frame-relative positions (the grid's default)
 #   ABLATION=claims_world benchmarks/claims.sh 0 1 2   # the same grid in world coordinates
 #   LANE_A=cf_short,cf_no_erft LANE_B= benchmarks/claims.sh 0 1 2   # the C2/C3 remainder
+#   ABLATION=teacher_curve LANE_A=t16_1k,t16_4k,t16_8k LANE_B=t4_1k,t4_4k,t4_8k benchmarks/claims.sh 0
+#       # the teacher learning curve (its 2k cells are the claims grid's context_forcing and cf_short)
+# Budgets are optimizer steps, set in the grid files; their minute caps are safety stops that mark a stage
+# cut short in `cf tables`.
 # Environment: CF (the cf command, default .venv/bin/cf), ABLATION (the grid, default claims), OUT (runs
 # root, default runs), EXTRA (more key=value overrides; keep results-changing keys in a grid file, since
 # the tables key rows by grid and variant), LANE_A / LANE_B (comma-separated variants).

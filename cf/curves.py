@@ -4,6 +4,7 @@ training benchmarks' records, and the stages' loss histories."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -94,6 +95,32 @@ def revisit_curves(rows: pd.DataFrame, what: str = "retention") -> pd.DataFrame:
                     }
                 )
     return pd.DataFrame(out, columns=["preset", "ablation", "label", "lo_s", "hi_s", "value", "lo", "hi"])
+
+
+TEACHER_CURVE = re.compile(r"^t(?P<frames>\d+)_(?P<k>\d+)k$")  # teacher_curve variants: t16_2k, t4_8k, ...
+
+
+def teacher_curve(rows: pd.DataFrame) -> pd.DataFrame:
+    """Long form of the teacher learning curve (`ablations/teacher_curve*.yaml`): grid, context (the
+    teacher's frames), steps (reached, else planned), measure (`psnr_seen`: the ERFT teacher's continuation
+    PSNR on pixels seen before and out of the last 4 frames; `psnr_all`; `retention`: its student's
+    benchmark retention), value, lo, hi (95% interval over seeds; NaN with one seed)."""
+    measures = {"psnr_seen": "teacher_erft/psnr_long_memory", "psnr_all": "teacher_erft/psnr_long_all",
+                "retention": "bench/revisit_retention"}
+    out = []
+    for _, r in rows.iterrows():
+        m = TEACHER_CURVE.match(str(r.get("variant", "")))
+        if not m or not str(r.get("ablation", "")).startswith("teacher_curve"):
+            continue
+        steps = r.get("teacher/steps", float("nan"))
+        steps = 1000 * int(m["k"]) if pd.isna(steps) else float(steps)
+        for name, col in measures.items():
+            if col in rows.columns and pd.notna(r[col]):
+                out.append({"preset": r["preset"], "grid": r["ablation"], "context": int(m["frames"]),
+                            "steps": steps, "measure": name, "value": float(r[col]), **_bounds(r, col)})
+    cols = ["preset", "grid", "context", "steps", "measure", "value", "lo", "hi"]
+    return pd.DataFrame(out, columns=cols).sort_values(["grid", "context", "steps"]) if out else \
+        pd.DataFrame(columns=cols)
 
 
 def lag_centres(lo_s, hi_s) -> np.ndarray:

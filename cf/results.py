@@ -139,11 +139,15 @@ def _teacher_table(df: pd.DataFrame) -> str | None:
     """The method's teacher (ERFT when it ran) on held-out continuation, per row; None if never measured."""
     from cf.bench.tables import fmt, markdown, row_label
 
-    out: dict[str, list[str]] = {"model": [], "teacher": [], **{head: [] for _, head in TEACHER_PSNR}}
+    out: dict[str, list[str]] = {"model": [], "teacher": [], "steps": []}
+    out.update({head: [] for _, head in TEACHER_PSNR})
     for _, r in df.iterrows():
         stage = "teacher_erft" if pd.notna(r.get(f"teacher_erft/{TEACHER_PSNR[0][0]}")) else "teacher"
         out["model"].append(row_label(r))
         out["teacher"].append(stage)
+        # the teacher's own optimizer steps (before ERFT's); a seed mean when seeds differ
+        cut = r.get("teacher/cut_short")
+        out["steps"].append(fmt(r.get("teacher/steps"), ",.0f") + ("†" if pd.notna(cut) and cut > 0 else ""))
         for key, head in TEACHER_PSNR:
             out[head].append(fmt(r.get(f"{stage}/{key}"), ".1f"))
     if all(c == "-" for _, head in TEACHER_PSNR for c in out[head]):

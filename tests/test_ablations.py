@@ -37,7 +37,22 @@ def test_the_shipped_grids_cover_the_issue_axes():
         "stage2",
         "tau",
         "teacher_context",
+        "teacher_curve",
+        "teacher_curve_world",
     ]
+
+
+@pytest.mark.parametrize("name", ["claims", "claims_world"])
+def test_the_claims_grids_give_every_recipe_the_same_steps(name):
+    """Budgets in optimizer steps, equal across the recipes a claim compares (the 16-frame and 4-frame
+    teachers alike): a wall clock never decides how much a recipe trains."""
+    budgets = {variant: tuple(OmegaConf.select(cfg, k) for k in (
+        "trainer.max_steps", "erft.steps", "student.steps", "cdmd.stage1_steps", "cdmd.stage2_steps"))
+        for variant, cfg in ablation.variant_configs(ablation.load_ablation(name), "tiny").items()}
+    assert len(set(budgets.values())) == 1, budgets
+    teachers = {cfg.teacher.context_frames for cfg in
+                ablation.variant_configs(ablation.load_ablation(name), "tiny").values()}
+    assert teachers == {4, 16}
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -72,13 +72,16 @@ def test_write_tables_renders_each_ablation_per_preset_in_variant_order(tmp_path
                 **{
                     "teacher_erft/psnr_long_all": 27.25,
                     "teacher/psnr_long_all": 25.0,
+                    "teacher/steps": 1800.0,
+                    "teacher/cut_short": 1.0,
                     "student/untrained_revisit_psnr": 15.0,
                     "student/distilled_revisit_psnr": 20.0,
                     "cdmd2/distilled_revisit_psnr": 22.5,
                     "pipeline/teacher_seconds": 90.0,
                 },
             ),
-            row("off", 0, 2, 0.8, **{"teacher/psnr_long_all": 26.0}),
+            row("off", 0, 2, 0.8, **{"teacher/psnr_long_all": 26.0, "teacher/steps": 2000.0,
+                                      "teacher/cut_short": 0.0}),
             row("full", 0, 3, 0.7, ablation_="", memory="full", preset="smoke"),
         ]
     )
@@ -98,9 +101,10 @@ def test_write_tables_renders_each_ablation_per_preset_in_variant_order(tmp_path
     assert on < off
     assert "## Teacher continuation PSNR (dB) on held-out clips" in md
     teacher = lines[lines.index("## Teacher continuation PSNR (dB) on held-out clips") + 4 :][:2]
-    assert [cells(line)[:3] for line in teacher] == [
-        ["context_forcing (slowfast; erft=on)", "teacher_erft", "27.2"],  # the ERFT teacher when it ran
-        ["context_forcing (slowfast; erft=off)", "teacher", "26.0"],
+    assert [cells(line)[:4] for line in teacher] == [
+        # the ERFT teacher when it ran; the teacher's own steps, a dagger where a wall clock cut them short
+        ["context_forcing (slowfast; erft=on)", "teacher_erft", "1,800†", "27.2"],
+        ["context_forcing (slowfast; erft=off)", "teacher", "2,000", "26.0"],
     ]
     gen = lines[
         lines.index("## Generator stages vs the untrained student: revisit PSNR (dB), held-out worlds") + 2 :
@@ -267,3 +271,22 @@ def test_ui_serves_the_store_cf_logs_to_on_localhost_only(tmp_path):
         "--default-artifact-root": (tmp_path / "mlruns").as_uri(),
     }
     assert "--default-artifact-root" not in ui_command("http://tracking.example:5000", 5001)
+
+
+def test_teacher_curve_reads_steps_psnr_and_retention_per_teacher_length():
+    row = {"preset": "tiny", "ablation": "teacher_curve", "teacher_erft/psnr_long_all": 15.0,
+           "bench/revisit_retention": 0.4}
+    rows = pd.DataFrame([
+        {**row, "variant": "t16_1k", "teacher/steps": 1000.0, "teacher_erft/psnr_long_memory": 14.0},
+        {**row, "variant": "t16_8k", "teacher/steps": 6321.0, "teacher_erft/psnr_long_memory": 18.0},  # cut
+        {**row, "variant": "t4_2k", "teacher/steps": float("nan"), "teacher_erft/psnr_long_memory": 13.0,
+         "teacher_erft/psnr_long_memory_ci_lo": 12.0, "teacher_erft/psnr_long_memory_ci_hi": 14.5},
+        {**row, "ablation": "claims", "variant": "context_forcing", "teacher/steps": 2000.0},  # another grid
+    ])
+    tc = curves.teacher_curve(rows)
+    seen = tc[tc["measure"] == "psnr_seen"]
+    assert list(zip(seen["context"], seen["steps"], seen["value"])) == [(4, 2000.0, 13.0), (16, 1000.0, 14.0),
+                                                                        (16, 6321.0, 18.0)]
+    assert (seen["lo"].iloc[0], seen["hi"].iloc[0]) == (12.0, 14.5)  # steps: the reached count, else planned
+    assert set(tc["measure"]) == {"psnr_seen", "psnr_all", "retention"} and len(tc) == 9
+    assert curves.teacher_curve(rows[rows["ablation"] == "claims"]).empty
