@@ -4,6 +4,26 @@ the one generation routine behind `cf generate`, the generator stages' evaluatio
 from __future__ import annotations
 
 
+def picture_context(cfg) -> int:
+    """Clean frames a start picture fills: what the student continues (student.context_frames), in whole
+    chunks of model.frames_per_chunk, at least one."""
+    chunk = cfg.model.frames_per_chunk
+    return max(chunk, -(-cfg.student.context_frames // chunk) * chunk)
+
+
+def load_picture(cfg, path, flag: str = "--image"):
+    """A start picture fitted to the config's frame -> (float [3, H, W] in [-1, 1], its crop record). Only for
+    RGB frames: a latent model (model.channels != 3) has no VAE here to encode one."""
+    from cf.errors import CfError
+    from cf.image import load_image, to_frame
+
+    if cfg.model.channels != 3:
+        raise CfError(f"{flag} needs a model of RGB frames (model.channels=3); this one has "
+                      f"model.channels={cfg.model.channels} and no VAE to encode a picture: use --model wan")
+    frame, crop = load_image(path, cfg.data.height, cfg.data.width, flag=flag)
+    return to_frame(frame), crop
+
+
 def generate(cfg, model, n_chunks: int, *, sampler: str = "student", guidance: float | None = None,
              context: int = 0, world_seed: int | None = None, image=None, callbacks=()):
     """Roll `model` out for `n_chunks` chunks on a held-out world's prompt and camera path.

@@ -96,11 +96,13 @@ def _check(cfg, entries: list[Entry]) -> None:
 
 
 def run_consistency(
-    cfg, entries, out_dir: str | Path, parent_run_id: str | None = None, *, progress: bool = True
+    cfg, entries, out_dir: str | Path, parent_run_id: str | None = None, *, progress: bool = True,
+    images: list[Path] | None = None,
 ) -> BenchResult:
     """Benchmark `entries` (`Entry`s, or mappings for `as_entry`) with the settings of ``cfg.bench`` and
     write everything into `out_dir` (see the module docstring). `parent_run_id` nests the MLflow run
-    under a pipeline's run."""
+    under a pipeline's run. `images`: start every video from a picture instead of the world's frames
+    (each picture with each seed; `cf.data.start`), so consistency with the start is measured on them."""
     from tqdm import tqdm
 
     from cf.metrics import VideoScorer, get_backbone
@@ -124,7 +126,7 @@ def run_consistency(
     top = entries[0] if single else None
     files: list[Path] = []
     bar = tqdm(
-        total=len(entries) * len(seeds),
+        total=len(entries) * len(seeds) * max(1, len(images or ())),
         desc="cf bench consistency",
         unit="video",
         file=sys.stderr,
@@ -136,7 +138,7 @@ def run_consistency(
         _rename(run, top)
         measured = []
         for entry in entries:
-            m = _bench_entry(cfg, entry, seeds, scorer, extra, device, out_dir, bar)
+            m = _bench_entry(cfg, entry, seeds, scorer, extra, device, out_dir, bar, images)
             measured.append(m)
             files += m["files"]
             if not single:
@@ -165,10 +167,12 @@ def _load_model(entry: Entry, device):
     return build_model(entry.cfg, device, weights=entry.generator).eval()
 
 
-def _bench_entry(cfg, entry: Entry, seeds: list[int], scorer, extra, device, out_dir: Path, bar) -> dict:
+def _bench_entry(cfg, entry: Entry, seeds: list[int], scorer, extra, device, out_dir: Path, bar,
+                 images: list[Path] | None = None) -> dict:
     """Generate and score one entry's videos; returns its per-run row, per-video rows, curves, files."""
+    from cf.data.start import image_clip
     from cf.data.world import World
-    from cf.generation import generate
+    from cf.generation import generate, load_picture, picture_context
     from cf.metrics import FirstFrameConsistency, embed_frames
     from cf.rollout import ChunkTimer
     from cf.video import to_uint8
@@ -176,6 +180,8 @@ def _bench_entry(cfg, entry: Entry, seeds: list[int], scorer, extra, device, out
     model = _load_model(entry, device)
     n_frames, fps = bench_frames(cfg), float(cfg.data.fps)
     chunk, n_ctx = entry.cfg.model.frames_per_chunk, entry.cfg.student.context_frames
+    if images:  # a picture is the context: at least one chunk of it
+        n_ctx = picture_context(entry.cfg)
     if n_frames <= n_ctx:
         raise CfError(
             f"bench.seconds={cfg.bench.seconds:g} gives {n_frames} frames, no more than the "
@@ -185,31 +191,34 @@ def _bench_entry(cfg, entry: Entry, seeds: list[int], scorer, extra, device, out
     scorer.reset()
     curves = {b.name: FirstFrameConsistency(cfg.bench.segment_s).to(device) for b in extra}
     videos, files, latencies, strip = [], [], [], None
-    for seed in seeds:
+    for seed, image in [(s, i) for i in images or [None] for s in seeds]:
         bar.set_postfix_str(f"{entry.name} seed {seed}: generating")
         ecfg = bench_world(entry.cfg)
         ecfg.seed = seed  # the noise; the world comes from world_seed
         world_seed = cfg.data.eval_seed + seed
         timer = ChunkTimer(device)
-        video, meta = generate(
-            ecfg, model, n_chunks, sampler="student", context=n_ctx, world_seed=world_seed, callbacks=[timer]
-        )
+        picture, crop = load_picture(ecfg, image, "--image-dir") if image is not None else (None, None)
+        video, meta = generate(ecfg, model, n_chunks, sampler="student", context=n_ctx, world_seed=world_seed,
+                               image=picture, callbacks=[timer])
         latencies += timer.latencies
         frames = to_uint8(video[:n_frames])  # [T, H, W, 3]: scored as saved
-        clip = World(ecfg.data, world_seed).render(n_frames)
+        world = World(ecfg.data, world_seed)
+        clip = world.render(n_frames) if image is None else image_clip(world, picture, n_ctx, n_frames)
         pairs, masks = generated_revisits(clip, n_ctx)
         bar.set_postfix_str(f"{entry.name} seed {seed}: scoring")
         scores = scorer.score(frames, fps, pairs or None, masks if pairs else None, clip.camera)
         for b in extra:
             curve = curves[b.name](embed_frames(b, torch.from_numpy(frames).to(device))[None], fps)
             scores[f"first_frame_{b.name}"] = _curve_rows(curve)
-        stem = out_dir / "videos" / entry.name / f"seed{seed}"
+        stem = out_dir / "videos" / entry.name / (f"seed{seed}" + (f"-{image.stem}" if image else ""))
+        meta["image"] = crop
         files += report.write_video_files(stem, frames, pairs, masks, meta, scores, entry, fps)
         videos.append(
             {
                 **_identity(entry),
                 "seed": seed,
                 "world_seed": world_seed,
+                "image": image.name if image else "",
                 "prompt": meta["prompt"],
                 **_score_columns(scores, scorer.backbone.name, extra),
             }
@@ -221,7 +230,7 @@ def _bench_entry(cfg, entry: Entry, seeds: list[int], scorer, extra, device, out
     for b in extra:
         agg[f"first_frame_{b.name}"] = _curve_rows(curves[b.name].compute())
     cols = _score_columns(agg, scorer.backbone.name, extra)
-    generated = len(seeds) * n_chunks * chunk * entry.cfg.model.video_frames_per_latent
+    generated = len(videos) * n_chunks * chunk * entry.cfg.model.video_frames_per_latent
     cols["fps"] = generated / sum(latencies)
     cols["ms_per_chunk"] = 1e3 * statistics.median(latencies)
     row = {
@@ -231,6 +240,7 @@ def _bench_entry(cfg, entry: Entry, seeds: list[int], scorer, extra, device, out
         "seeds": json.dumps(seeds),
         "seconds": n_frames / fps,
         "context_frames": n_ctx,
+        "images": json.dumps([i.name for i in images or []]),
         "generator": str(entry.generator or ""),
         **cols,
     }

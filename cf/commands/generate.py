@@ -118,18 +118,12 @@ def run(args, cfg) -> int:
 def start_image(args, cfg):
     """--image for the native model -> (frame float [3, H, W], crop record, context frames it fills)."""
     from cf.errors import CfError
-    from cf.image import load_image, to_frame
+    from cf.generation import load_picture, picture_context
 
     chunk = cfg.model.frames_per_chunk
-    if cfg.model.channels != 3:
-        raise CfError(f"--image needs a model of RGB frames (model.channels=3); this one has "
-                      f"model.channels={cfg.model.channels} and no VAE to encode a picture: use --model wan")
-    if args.context is None:  # what the student continues, rounded up to whole chunks, at least one
-        context = max(chunk, -(-cfg.student.context_frames // chunk) * chunk)
-    else:
-        context = args.context
-        if context < chunk or context % chunk:
-            raise CfError(f"--context {context} with --image: the picture fills the first context frames, "
-                          f"a positive multiple of model.frames_per_chunk={chunk}")
-    frame, crop = load_image(args.image, cfg.data.height, cfg.data.width)
-    return to_frame(frame), crop, context
+    context = picture_context(cfg) if args.context is None else args.context
+    if context < chunk or context % chunk:
+        raise CfError(f"--context {context} with --image: the picture fills the first context frames, "
+                      f"a positive multiple of model.frames_per_chunk={chunk}")
+    frame, crop = load_picture(cfg, args.image)
+    return frame, crop, context
