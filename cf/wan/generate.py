@@ -137,7 +137,8 @@ def run_wan(
 
         if weights is None:
             raise CfError(
-                "no text encoder: pass --weights DIR holding text_encoder/ and tokenizer/ (docs/wan.md)"
+                "no text encoder: pass --weights DIR holding text_encoder/ and tokenizer/ (diffusers) or "
+                "models_t5_umt5-xxl-enc-bf16.pth and google/umt5-xxl/ (Wan's release); docs/wan.md"
             )
         text = UMT5Text.from_folder(weights, device=device, dtype=torch.float32)
     if guidance is None:
@@ -158,7 +159,8 @@ def run_wan(
 
         if vae is None:
             if weights is None:
-                raise CfError("no VAE: pass --weights DIR holding vae/ (docs/wan.md)")
+                raise CfError("no VAE: pass --weights DIR holding vae/ (diffusers) or Wan2.1_VAE.pth; "
+                              "docs/wan.md")
             vae = load_vae(weights, device=device, dtype=torch.float32 if dtype == torch.float64 else dtype)
         decoder = StreamDecoder(vae)
     n_latents = max(1, int(round(seconds * cfg.data.fps)))
@@ -300,8 +302,8 @@ def run_command(args, cfg) -> int:
     if args.weights is None and args.ckpt is None:
         raise CfError(
             "cf generate --model wan needs --weights DIR (a Wan2.1-T2V diffusers folder: "
-            "transformer/, text_encoder/, tokenizer/, vae/) and optionally --ckpt FILE / "
-            "--lora DIR; docs/wan.md"
+            "transformer/, text_encoder/, tokenizer/, vae/; or Wan's own release folder) and optionally "
+            "--ckpt FILE / --lora DIR; docs/wan.md"
         )
     if getattr(args, "context", None):
         raise CfError("--context continues a world's clean frames; it does not apply to --model wan")
