@@ -64,7 +64,8 @@ NEVER: dict[str, tuple[tuple[str, ...], str]] = {
                     "tracking records what others hand it (params, metrics, artifacts)"),
 }
 # Shared leaf helpers: importable from anywhere, so they import no part at all.
-for _leaf in ("cf.errors", "cf.registry", "cf.utils", "cf.faults", "cf.filecheck", "cf.video", "cf.compat"):
+for _leaf in ("cf.errors", "cf.registry", "cf.utils", "cf.faults", "cf.filecheck", "cf.video", "cf.compat",
+              "cf.image"):
     NEVER[_leaf] = (("cf.config", "cf.data", "cf.model", *ABOVE_MODEL, *CLI, *ORCHESTRATION),
                     "a shared helper imports no part of the suite (everything may import it)")
 
