@@ -80,6 +80,9 @@ def build_optimizer(
         lr=trainer_cfg.lr if lr is None else lr,
         betas=(float(b[0]), float(b[1])),
         weight_decay=trainer_cfg.weight_decay,
+        # one fused kernel over all parameters (CPU and CUDA): on tiny's CPU the default per-tensor loop
+        # cost ~8 ms of a ~100 ms teacher step; fused costs ~1 ms, equal to 6e-8 after 20 steps
+        fused=True,
     )
 
 
