@@ -23,7 +23,8 @@ def load_rows(cfg: DictConfig, results_dir: str | Path = RESULTS) -> tuple[pd.Da
     df = pipeline_runs(cfg)
     source = f"MLflow ({cfg.tracking.experiment})"
     if df.empty:
-        files = sorted(Path(results_dir).glob("*/*.csv"))
+        # the seed-mean tables only (not their .paired.csv or .seeds.csv companions)
+        files = sorted(f for f in Path(results_dir).glob("*/*.csv") if f.suffixes == [".csv"])
         frames = [pd.read_csv(f, keep_default_na=False, na_values=[""]) for f in files]
         frames = [f for f in frames if {"preset", "ablation", "variant"} <= set(f.columns)]
         if not frames:

@@ -30,6 +30,8 @@ PARAMS = ("seed", "data.fps")
 GROUP = ["preset", "ablation", "variant", "method", "memory"]
 GENERATOR_STAGES = ("student", "cdmd1", "cdmd2")  # their eval.json: distilled vs untrained (student_stage)
 UNGROUPED = "pipelines"  # the table name of pipelines run outside an ablation grid
+# every run behind a table, one row per (configuration, seed): what the next `cf tables` merges with its store
+SEEDS = ".seeds.csv"
 # The teacher's continuation PSNR (dB) on held-out clips, by region (cf.evaluation.continuation).
 TEACHER_PSNR = (
     ("psnr_long_all", "long, all"),
@@ -76,6 +78,33 @@ def pipeline_runs(cfg: DictConfig, status: str | None = "FINISHED") -> pd.DataFr
     for p in PARAMS:
         df[p] = pd.to_numeric(df[p], errors="coerce")
     return df
+
+
+def committed_seeds(results_dir: str | Path = RESULTS) -> pd.DataFrame:
+    """The per-seed pipeline rows that earlier `cf tables` runs committed (`<preset>/<ablation>.seeds.csv`),
+    one row per run as `pipeline_runs` gives it; empty when there are none."""
+    files = sorted(Path(results_dir).glob(f"*/*{SEEDS}"))
+    frames = [pd.read_csv(f, keep_default_na=False, na_values=[""]) for f in files]
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return pd.DataFrame()
+    df = pd.concat(frames, ignore_index=True)
+    for c in TAGS:
+        if c in df:
+            df[c] = df[c].fillna("").astype(str)
+    return df
+
+
+def with_committed_seeds(df: pd.DataFrame, results_dir: str | Path = RESULTS) -> pd.DataFrame:
+    """The store's runs plus the committed per-seed rows of runs it does not hold (another machine's, an
+    earlier session's): a grid of many seeds accumulates across machines. Where both hold a run of the
+    same configuration and seed, `latest` keeps the newer."""
+    old = committed_seeds(results_dir)
+    if old.empty:
+        return df
+    if not df.empty:
+        old = old[~old["run_id"].isin(set(df["run_id"]))]
+    return pd.concat([df, old], ignore_index=True) if not df.empty else old
 
 
 def latest(df: pd.DataFrame) -> pd.DataFrame:
@@ -281,7 +310,7 @@ def write_tables(
     from cf.seedtables import headline, log_seed_tables, seed_tables
 
     stored = runs is None
-    df = pipeline_runs(cfg) if stored else runs
+    df = with_committed_seeds(pipeline_runs(cfg), out) if stored else runs
     if df.empty:
         return []
     per_seed = latest(df)
@@ -308,6 +337,7 @@ def write_tables(
         files.append(atomic_write_text(base.with_suffix(".csv"), stats.loc[group.index].to_csv(index=False)))
         if not pairs.empty:
             files.append(atomic_write_text(base.with_suffix(".paired.csv"), pairs.to_csv(index=False)))
+        files.append(atomic_write_text(base.with_suffix(SEEDS), seeds.drop(columns="_o").to_csv(index=False)))
         if stored and seed_md and cfg.tracking.enabled:
             heads = [c for c, *_ in headline(bench_rows(seeds.drop(columns="_o")))]
             log_seed_tables(cfg, str(preset), name, stats.loc[group.index], pairs, heads, files)

@@ -89,8 +89,10 @@ def test_write_tables_renders_each_ablation_per_preset_in_variant_order(tmp_path
     assert sorted(p.relative_to(tmp_path).as_posix() for p in written) == [
         "smoke/pipelines.csv",
         "smoke/pipelines.md",
+        "smoke/pipelines.seeds.csv",
         "tiny/erft.csv",
         "tiny/erft.md",
+        "tiny/erft.seeds.csv",
     ]
     md = (tmp_path / "tiny" / "erft.md").read_text()
     assert md.startswith("# erft: error-recycling fine-tuning of the teacher\n")
@@ -170,6 +172,26 @@ def test_tables_from_a_real_store_after_a_grid_on_a_toy_bench(toy_store):
     assert [cells(line)[0] for line in lines[:3]] == LABELS
     assert cells(lines[0])[1:3] == ["90.00", "45.00"] and cells(lines[2])[1:3] == ["70.00", "35.00"]
     assert "## Revisit PSNR (dB) by lag" in md and "18.0" in md
+
+
+def test_committed_seed_rows_rebuild_the_tables_on_a_machine_without_the_store(toy_store, tmp_path):
+    """`cf tables` commits every run behind a table (<ablation>.seeds.csv); another machine, whose store
+    lacks those runs, merges them with its own, so a grid's seeds accumulate across sessions."""
+    tmp, store = toy_store
+    res = tmp_path / "res"
+    assert main(["tables", "--preset", "smoke", "--results", str(res), *store]) == 0
+    seeds = pd.read_csv(res / "smoke" / "promotion.seeds.csv")
+    assert len(seeds) == 3 and set(seeds["variant"]) == set(SCORES)
+    md = (res / "smoke" / "promotion.md").read_text()
+    elsewhere = [f"tracking.uri=sqlite:///{tmp_path / 'other.db'}", "tracking.experiment=t"]
+    assert main(["tables", "--preset", "smoke", "--results", str(res), *elsewhere]) == 0
+    assert (res / "smoke" / "promotion.md").read_text() == md
+    # a store run of the same configuration and seed, newer, replaces the committed row
+    newer = seeds.iloc[:1].assign(run_id="newer", start_time=seeds["start_time"].max() + 1,
+                                  **{"bench/subject_consistency": 0.5})
+    merged = results.latest(results.with_committed_seeds(newer, res))
+    assert len(merged) == 3
+    assert merged.set_index("variant").loc[newer["variant"].iloc[0], "bench/subject_consistency"] == 0.5
 
 
 def test_lag_bins_sit_at_their_geometric_centre_and_an_empty_curve_plots_nothing():
