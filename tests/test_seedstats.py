@@ -65,7 +65,8 @@ def test_cf_tables_shows_seed_intervals_and_paired_differences(tmp_path):
     # a wall-clock cap stopped longlive seed 1's teacher before its planned steps: its seed is marked
     df["teacher/cut_short"] = [0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     written = results.write_tables(cfg, out=tmp_path, runs=df)
-    assert sorted(p.name for p in written) == ["claims.csv", "claims.md", "claims.paired.csv", "claims.seeds.csv"]
+    assert sorted(p.name for p in written) == ["claims.csv", "claims.md", "claims.paired.csv",
+                                               "claims.seeds.csv"]
     md = (tmp_path / "tiny" / "claims.md").read_text()
     lines = md.splitlines()
     seeds = lines[lines.index("## Seeds: mean [95% interval] (Student t over training seeds)") + 4:][:4]
