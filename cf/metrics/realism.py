@@ -55,7 +55,7 @@ from cf.metrics.backbones import Backbone, as_float_video, get_backbone
 from cf.utils import atomic_path
 
 REFERENCE_TAG = 314159  # world reference seeds are (REFERENCE_TAG, seed, i)
-CACHE_VERSION = 2  # bump when the features or the statistics change meaning (2: the eigendecomposition stored)
+CACHE_VERSION = 2  # bump when the features or statistics change meaning (2: eigendecomposition stored)
 
 
 def _psd_eigh(m: torch.Tensor, vectors: bool = True):
