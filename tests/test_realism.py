@@ -273,11 +273,10 @@ def test_world_reference_seeds_cache_and_description(tmp_path, monkeypatch, smok
     again = world_reference(smoke_cfg.data, **kwargs)
     torch.testing.assert_close(again.stats.cov, ref.stats.cov)
     assert again.description == ref.description
-    # ... and its stored eigendecomposition, equal to a fresh one's (no eigh computed on the way)
-    assert "eigh" in again.stats.__dict__
-    fresh = FeatureStats(again.stats.n, again.stats.mean, again.stats.cov).eigh
-    for stored, computed in zip(again.stats.eigh, fresh):
-        torch.testing.assert_close(stored, computed)
+    # ... once per process: a second read in the same process is the same statistics, so an
+    # eigendecomposition computed for one evaluation serves the next
+    third = world_reference(smoke_cfg.data, **kwargs)
+    assert third.stats is again.stats
     monkeypatch.undo()
     # another world config is another reference
     smoke_cfg.data.n_subjects = 0
