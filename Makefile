@@ -42,8 +42,10 @@ install: $(VENV)/bin/python  ## create .venv and install the CPU stack (idempote
 	$(PY) -c "import torch, torchvision, lightning, torchmetrics, open_clip, lpips, mlflow; print('torch', torch.__version__, '| lightning', lightning.__version__, '| mlflow', mlflow.__version__)"
 	@echo "==> done: try 'make test' or 'make ablate MEMORY=slowfast'"
 
-test:  ## the fast test suite (CPU, a few minutes)
-	$(PY) -m pytest -q
+TEST_WORKERS ?= auto
+
+test:  ## the fast test suite (CPU, ~2.5 min on 2 cores: one pytest-xdist worker per core, TEST_WORKERS=N)
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 test-slow:  ## the slow tests too
 	$(PY) -m pytest -q -m "slow and not gpu"

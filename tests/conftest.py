@@ -4,8 +4,11 @@ import socket
 import pytest
 import torch
 
-# Tests are small; two threads match CI's 2-core machine and avoid oversubscription.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tests are small; two threads match CI's 2-core machine and avoid oversubscription. Under pytest-xdist
+# (`make test` runs one worker per core) each worker takes one thread, so the workers share the cores
+# instead of fighting over them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+torch.set_num_threads(1 if _WORKERS > 1 else min(2, os.cpu_count() or 1))
 os.environ.setdefault("MLFLOW_TRACKING_URI", "")  # tests set their own stores
 
 
