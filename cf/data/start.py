@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cf.data.world import Clip, World, find_revisits, visibility_age
+from cf.data.world import Clip, World
 from cf.errors import CfError
 
 
@@ -43,17 +43,4 @@ def image_clip(world: World, frame, n_ctx: int, n_frames: int) -> Clip:
     video = torch.zeros(n_frames, 3, h, w)
     video[:n_ctx] = frame
     background = np.ones((n_frames, h, w), bool)
-    camera = np.stack([xs, np.zeros_like(xs)], 1)
-    return Clip(
-        video=video,
-        camera=torch.from_numpy(camera.astype(np.float32)),
-        prompt=world.prompt,
-        background=torch.from_numpy(background),
-        age=torch.from_numpy(visibility_age(xs, background, world.pano_width)),
-        revisits=find_revisits(camera),
-        fps=world.fps,
-        camera_path=world.camera_path,
-        seed=world.seed,
-        start=0,
-        meta={"start": "image", "context_frames": int(n_ctx), "panorama_width": world.pano_width},
-    )
+    return world.clip_of(video, xs, background, 0, {"start": "image", "context_frames": int(n_ctx)})

@@ -201,11 +201,20 @@ class World:
         for s in self.subjects:
             sx, sy = s.position(t, self.pano_width, h)
             _paste(frames, background, s, sx - xs, sy)
-        camera = np.stack([xs, np.zeros_like(xs)], 1)  # [F, 2]; the camera never moves vertically
         # numpy, not torch, for the arithmetic: on tiny tensors torch's thread pool costs more than the work
         video = frames.transpose(0, 3, 1, 2).astype(np.float32, order="C") / np.float32(127.5) - 1
+        meta = {"regions": self.regions, "landmarks": self.landmarks,
+                "subjects": [s.words for s in self.subjects]}
+        return self.clip_of(torch.from_numpy(video), xs, background, int(start), meta)
+
+    def clip_of(self, video, xs: np.ndarray, background: np.ndarray, start: int, meta: dict) -> Clip:
+        """A Clip of frames `video` [F, 3, H, W] seen from camera x positions `xs` [F] in this world, with
+        their ground truth: pixel ages and revisit pairs from `xs` and the `background` mask [F, H, W]."""
+        import torch  # as in `render`
+
+        camera = np.stack([xs, np.zeros_like(xs)], 1)  # [F, 2]; the camera never moves vertically
         return Clip(
-            video=torch.from_numpy(video),  # [F, 3, H, W]
+            video=video,
             camera=torch.from_numpy(camera.astype(np.float32)),
             prompt=self.prompt,
             background=torch.from_numpy(background),
@@ -214,9 +223,8 @@ class World:
             fps=self.fps,
             camera_path=self.camera_path,
             seed=self.seed,
-            start=int(start),
-            meta={"regions": self.regions, "landmarks": self.landmarks,
-                  "subjects": [s.words for s in self.subjects], "panorama_width": self.pano_width},
+            start=start,
+            meta={**meta, "panorama_width": self.pano_width},
         )
 
 
