@@ -136,10 +136,9 @@ def revisit_section(r: dict | None) -> tuple[dict | None, dict]:
     if len(r["lag"]) == 0:
         return None, none
     w = r["pairs"].double()
-    ok = ~torch.isnan(r["chance_mse"])
     mse = (r["mse"] * w).sum() / w.sum()
-    chance = (r["chance_mse"] * w)[ok].sum() / w[ok].sum() if ok.any() else torch.tensor(math.nan)
-    mse_ok = (r["mse"] * w)[ok].sum() / w[ok].sum() if ok.any() else torch.tensor(math.nan)
+    chance = _pooled(r["chance_mse"], w)
+    mse_ok = _pooled(r["mse"].masked_fill(torch.isnan(r["chance_mse"]), math.nan), w)  # bins with a chance
     keys = ("lo_s", "hi_s", "lag", "lag_s", "lag_max_s", "pairs", "mse", "psnr", "lpips", "chance_mse",
             "chance_psnr", "chance_lpips", "retention", "retention_lpips", "sink_share")
     by_lag = [{k: (int(r[k][i]) if k == "pairs" else _num(r[k][i])) for k in keys} for i in range(len(w))]
