@@ -283,3 +283,50 @@ def test_edm_needs_an_x0_output():
 
     with pytest.raises(ConfigError, match="model.precondition=edm"):
         load_config("smoke", overrides=["model.precondition=edm", "model.prediction=velocity"])
+
+
+@pytest.mark.parametrize("overrides", [(), ("model.fp32_modulation=true",), ("model.precondition=edm",)])
+def test_predicting_only_the_last_frames_equals_the_full_forward_sliced(f64, overrides):
+    """out_from=k (what the teacher's loss reads: the target after its history) gives the full forward's
+    frames k.. and every frame's keys/values, and the same parameter gradients for a loss on those frames."""
+    cfg, model = make("smoke", *overrides)
+    x, sigma, cam = inputs(cfg, f=6)
+    cond = model.make_cond(["a cat", "a dog"], camera=cam)
+    kw = dict(num_timesteps=cfg.diffusion.num_timesteps, time_pos=torch.arange(6),
+              frame_mask=block_causal_mask(6, 2))
+    full = denoise(model, x, sigma, cond, **kw)
+    part = denoise(model, x, sigma, cond, out_from=4, **kw)
+    assert part.pred.shape == full.pred[:, 4:].shape
+    assert (part.pred - full.pred[:, 4:]).abs().max() < 1e-12
+    for (k1, v1), (k2, v2) in zip(full.kv, part.kv):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    grads = []
+    for out in (full.pred[:, 4:], part.pred):
+        model.zero_grad()
+        out.pow(2).sum().backward(retain_graph=True)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert grads[0].abs().max() > 0 and (grads[0] - grads[1]).abs().max() < 1e-10
+    with pytest.raises(CfError, match="out_from=6"):
+        model(x, sigma, cond, time_pos=torch.arange(6), out_from=6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rope_rotates_each_pair_by_its_angle(dtype):
+    """apply_rope on a strided view (q out of a fused qkv, as attention passes it) and on a contiguous
+    tensor = the rotation written out pair by pair, in the angle dtype, cast back to the input's (within one
+    rounding of the input's dtype: the complex product may fuse a multiply-add)."""
+    from cf.model.rope import apply_rope
+
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 3, 4, 3, 2, 12, generator=g, dtype=torch.float64).to(dtype)
+    angle_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    ang = torch.rand(1, 3, 4, 1, 6, generator=g, dtype=angle_dtype) * 100
+    for x in (qkv.unbind(3)[1], qkv[:, :, :, 1].contiguous()):
+        a, b = x.to(angle_dtype)[..., 0::2], x.to(angle_dtype)[..., 1::2]
+        want = torch.empty(x.shape, dtype=angle_dtype)
+        want[..., 0::2] = a * ang.cos() - b * ang.sin()
+        want[..., 1::2] = a * ang.sin() + b * ang.cos()
+        got = apply_rope(x, ang.cos(), ang.sin())
+        assert got.dtype == dtype
+        eps = torch.finfo(dtype).eps
+        assert torch.allclose(got.to(angle_dtype), want, atol=8 * eps, rtol=eps)

@@ -41,7 +41,8 @@ def timestep_input(sigma: Tensor, num_timesteps: int) -> Tensor:
 def denoise(net, x: Tensor, sigma: Tensor | float, cond, *, num_timesteps: int, **kwargs):
     """The network's prediction for noisy frames x [B, F, C, H, W] at noise levels sigma ([B, F], [B]
     or a scalar): the network's output (kv and mean keys included) with ``pred`` [B, F, C, H, W] in the
-    space `model.prediction` names. kwargs go to the network (time_pos, read, frame_mask).
+    space `model.prediction` names. kwargs go to the network (time_pos, read, frame_mask, out_from: then
+    ``pred`` covers frames out_from.. only).
 
     `net.cfg` (the model config) says the preconditioning (`precondition`, `sigma_data`).
     """
@@ -52,7 +53,8 @@ def denoise(net, x: Tensor, sigma: Tensor | float, cond, *, num_timesteps: int, 
     c_in, c_skip, c_out = (c[..., None, None, None].to(x.dtype)
                            for c in edm_coefficients(s, net.cfg.sigma_data))
     out = net(x * c_in, t_in, cond, **kwargs)
-    return replace(out, pred=c_skip * x + c_out * out.pred)
+    k = kwargs.get("out_from", 0)
+    return replace(out, pred=c_skip[:, k:] * x[:, k:] + c_out[:, k:] * out.pred)
 
 
 def encode_clean(net, x: Tensor, cond, **kwargs):

@@ -42,17 +42,24 @@ class SelfAttention(nn.Module):
         sin: Tensor,
         read_kv: tuple[Tensor, Tensor] | None,
         mask: Tensor | None,
+        q_from: int = 0,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """x [B, F, N, D]; read_kv: rotated history (k, v) [B, M, N, H, Dh]; mask [F*N, (M+F)*N] bool.
 
-        Returns the output [B, F, N, D] and this call's un-rotated (k, v) [B, F, N, H, Dh].
+        Returns the output [B, F - q_from, N, D] of the queries of frames q_from.. (every frame is a key)
+        and this call's un-rotated (k, v) [B, F, N, H, Dh].
         """
         b, f, n, d = x.shape
         q, k, v = self.qkv(x).view(b, f, n, 3, self.heads, self.head_dim).unbind(3)
         # autocast runs the norms in fp32; back to v's dtype so the cache stores bf16 keys, not fp32
+        if q_from:
+            q, cos_q, sin_q = q[:, q_from:], cos[:, q_from:], sin[:, q_from:]
+            mask = None if mask is None else mask[q_from * n:]
+        else:
+            cos_q, sin_q = cos, sin
         q = _norm_heads(self.norm_q, q, self.across_heads).to(v.dtype)
         k = _norm_heads(self.norm_k, k, self.across_heads).to(v.dtype)
-        qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qr, kr = apply_rope(q, cos_q, sin_q), apply_rope(k, cos, sin)
         keys, vals = kr.flatten(1, 2), v.flatten(1, 2)  # [B, F*N, H, Dh]
         if read_kv is not None:
             keys = torch.cat([read_kv[0].flatten(1, 2), keys], dim=1)
@@ -60,7 +67,7 @@ class SelfAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             qr.flatten(1, 2).transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=mask
         )  # [B, H, F*N, Dh]
-        out = out.transpose(1, 2).reshape(b, f, n, d)
+        out = out.transpose(1, 2).reshape(b, f - q_from, n, d)
         return self.proj(out), (k, v)
 
 

@@ -33,20 +33,25 @@ class Block(nn.Module):
         ctx_mask: Tensor,
         read_kv: tuple[Tensor, Tensor] | None,
         mask: Tensor | None,
+        keep_from: int = 0,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """x [B, F, N, D]; e [B, F, 6, D] per-frame modulation from the timestep (and camera)."""
+        """x [B, F, N, D]; e [B, F, 6, D] per-frame modulation from the timestep (and camera).
+
+        keep_from: return only frames keep_from.. (all F frames still give their keys and values, and
+        are read by the kept ones); everything after the attention runs on the kept frames only."""
         if self.fp32:
-            return self._forward_fp32(x, e, cos, sin, ctx, ctx_mask, read_kv, mask)
+            return self._forward_fp32(x, e, cos, sin, ctx, ctx_mask, read_kv, mask, keep_from)
         mod = (self.modulation + e).unsqueeze(2)  # [B, F, 1, 6, D]: one per frame, shared by its tokens
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(3)
-        a, kv = self.attn(self.norm1(x) * (1 + scale1) + shift1, cos, sin, read_kv, mask)
+        a, kv = self.attn(self.norm1(x) * (1 + scale1) + shift1, cos, sin, read_kv, mask, keep_from)
+        if keep_from:
+            x, gate1, scale2, shift2, gate2 = (t[:, keep_from:] for t in (x, gate1, scale2, shift2, gate2))
         x = x + gate1 * a
         x = x + self.cross(self.norm_cross(x), ctx, ctx_mask)
         x = x + gate2 * self.ffn(self.norm2(x) * (1 + scale2) + shift2)
         return x, kv
 
-
-    def _forward_fp32(self, x, e, cos, sin, ctx, ctx_mask, read_kv, mask):
+    def _forward_fp32(self, x, e, cos, sin, ctx, ctx_mask, read_kv, mask, keep_from=0):
         """The same block with Wan's precision: modulation, the norms and the gated residual adds in
         fp32 (fp64 for a float64 model), the attention and MLP in the compute dtype of x."""
         hp = torch.promote_types(x.dtype, torch.float32)
@@ -55,7 +60,9 @@ class Block(nn.Module):
             mod = (self.modulation.to(hp) + e.to(hp)).unsqueeze(2)
             shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(3)
             h = (self.norm1(x.to(hp)) * (1 + scale1) + shift1).to(dt)
-        a, kv = self.attn(h, cos, sin, read_kv, mask)
+        a, kv = self.attn(h, cos, sin, read_kv, mask, keep_from)
+        if keep_from:
+            x, gate1, scale2, shift2, gate2 = (t[:, keep_from:] for t in (x, gate1, scale2, shift2, gate2))
         with torch.autocast(x.device.type, enabled=False):
             x = (x.to(hp) + gate1 * a.to(hp)).to(dt)
             h = self.norm_cross(x.to(hp)).to(dt)

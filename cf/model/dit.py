@@ -175,14 +175,20 @@ class CausalVideoDiT(nn.Module):
         time_pos: Tensor,
         read: CacheRead | None = None,
         frame_mask: Tensor | None = None,
+        out_from: int = 0,
     ) -> ModelOutput:
         """x [B, F, C, H, W] input frames and t [B, F] (or [B] / scalar) their timestep input, both
         already scaled for the network (`cf.diffusion.denoise`: t = sigma * diffusion.num_timesteps);
         cond for these F frames (camera [B, F, 2]); time_pos [F] long RoPE time indices;
         read: history every query frame attends to; frame_mask [F, F] bool among this call's
-        frames (None: all to all, as within a chunk or the teacher's target window).
+        frames (None: all to all, as within a chunk or the teacher's target window);
+        out_from: predict only frames out_from.. (pred [B, F - out_from, ...]); the earlier frames are
+        still run through every layer for the keys and values the later ones read (kv covers all F
+        frames), but the last block skips their queries, cross-attention and MLP, which nothing reads.
         """
         b, f = x.shape[:2]
+        if not 0 <= out_from < f:
+            raise CfError(f"out_from={out_from} must name one of the call's {f} frames (0 <= out_from < {f})")
         expected = (self.channels, self.height, self.width)
         if tuple(x.shape[2:]) != expected:
             raise CfError(f"model input has frames of shape {tuple(x.shape[2:])}; this model expects "
@@ -212,10 +218,13 @@ class CausalVideoDiT(nn.Module):
             read = None
         mask = self._token_mask(frame_mask, read.n_frames if read else 0, tokens.shape[2], x.device)
         kvs = []
+        last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
             read_kv = (read.k[i], read.v[i]) if read is not None else None
-            tokens, kv = blk(tokens, e6, cos, sin, ctx, ctx_mask, read_kv, mask)
+            tokens, kv = blk(tokens, e6, cos, sin, ctx, ctx_mask, read_kv, mask,
+                             keep_from=out_from if i == last else 0)
             kvs.append(kv)
+        e = e[:, out_from:]
 
         if self.fp32:  # Wan: the head's modulation and norm in fp32, the projection in the compute dtype
             hp = torch.promote_types(tokens.dtype, torch.float32)

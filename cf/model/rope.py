@@ -45,8 +45,13 @@ def angle_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate consecutive pairs of the last dim. x [B, F, N, H, Dh]; cos, sin [B', F, N, 1, Dh/2]."""
+    """Rotate consecutive pairs of the last dim. x [B, F, N, H, Dh]; cos, sin [B', F, N, 1, Dh/2].
+
+    As one complex product (a + ib)(cos + i sin): the same two products and sum per component as the
+    real form, in one kernel instead of six plus a stack (about half the time, forward and backward)."""
     pairs = x.to(cos.dtype).unflatten(-1, (-1, 2))
-    a, b = pairs[..., 0], pairs[..., 1]
-    out = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    try:
+        z = torch.view_as_complex(pairs)
+    except RuntimeError:  # strides of a view the complex dtype cannot alias
+        z = torch.view_as_complex(pairs.contiguous())
+    return torch.view_as_real(z * torch.complex(cos, sin)).flatten(-2).to(x.dtype)

@@ -210,7 +210,7 @@ class TeacherModule(EMACheckpoint, pl.LightningModule):
         sig = torch.cat([sigma.new_zeros(b, k), sigma], dim=1)
         seq_cond = Cond(text=cond.text, text_mask=cond.text_mask, camera=cam, null=cond.null)
         pred = denoise(self.net, x, sig, seq_cond, num_timesteps=cfg.diffusion.num_timesteps,
-                       time_pos=time_pos.to(self.device), frame_mask=mask.to(self.device)).pred[:, k:]
+                       time_pos=time_pos.to(self.device), frame_mask=mask.to(self.device), out_from=k).pred
 
         per_frame = (pred - target(x0, noise, cfg.model.prediction)).pow(2).flatten(2).mean(2)  # [B, T]
         if cfg.model.precondition != "none":  # x0 MSE -> the MSE of the network's own output
