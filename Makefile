@@ -22,7 +22,7 @@ else
 ABLATE_ARGS := --ablation $(ABLATION) $(if $(call given,METHOD),--method $(METHOD)) $(if $(call given,MEMORY),--memory $(MEMORY))
 endif
 
-.PHONY: help install test test-slow lint format bench ablate ablate-plan tables notebooks ui world clean
+.PHONY: help install test test-slow lint format bench bench-compare ablate ablate-plan tables notebooks ui world clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -61,6 +61,9 @@ world:  ## write sample videos of the synthetic world to runs/world
 
 bench:  ## performance benchmarks -> benchmarks/results/
 	$(PY) -m benchmarks.run
+
+bench-compare:  ## training step times of this tree against BASELINE=<commit>, side by side (benchmarks/results/compare_*)
+	$(PY) -m benchmarks.compare $(or $(BASELINE),HEAD~1)
 
 ablate:  ## the pipeline end to end: MEMORY=full|sliding|sink|slowfast PRESET=tiny METHOD=... SEED=0, or ABLATION=ablations/NAME.yaml
 	$(CF) ablate --preset $(PRESET) --seed $(SEED) $(ABLATE_ARGS)

@@ -61,3 +61,38 @@ def test_count_flops_counts_attention():
     q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
     flops, _ = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
     assert flops == 2 * (2 * 2 * 5 * 8 * 5)  # q @ k^T and scores @ v, per head
+
+
+def test_compare_runs_the_baseline_with_its_own_cf(tmp_path):
+    """The baseline tree's process imports the baseline's `cf`, not this checkout's editable install."""
+    import subprocess
+    import sys
+
+    from benchmarks.compare import _BOOT
+
+    (tmp_path / "cf").mkdir()
+    (tmp_path / "cf" / "__init__.py").write_text("WHERE = 'baseline'\n")
+    (tmp_path / "probe.py").write_text("import cf\nprint(cf.WHERE, cf.__file__)\n")
+    out = subprocess.run([sys.executable, "-c", _BOOT, "probe"], cwd=tmp_path, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[0] == "baseline" and out[1].startswith(str(tmp_path))
+
+
+def test_compare_table_gives_each_round_and_the_speed_up_of_the_means():
+    from benchmarks.compare import table
+
+    def run(*ms):
+        common = {"device": "cpu (2 threads)", "dtype": "float32", "batch_size": 8, "steps_timed": 30}
+        return {"stages": [{"stage": f"s{i}", "step_s": m / 1e3, **common} for i, m in enumerate(ms)]}
+
+    md = table("tiny", "HEAD~1", "0" * 40, {"baseline": [run(100, 50), run(120, 50)],
+                                            "current": [run(80, 50), run(80, 100)]})
+    assert "| s0 | 100.0 / 120.0 | 80.0 / 80.0 | 1.38x |" in md
+    assert "| s1 | 50.0 / 50.0 | 50.0 / 100.0 | 0.67x |" in md
+
+
+def test_compare_refuses_a_revision_that_is_not_a_commit(capsys):
+    from benchmarks.compare import main
+
+    assert main(["no-such-rev-xyz"]) == 2
+    assert "'no-such-rev-xyz' is not a commit" in capsys.readouterr().err
