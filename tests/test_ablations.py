@@ -232,3 +232,17 @@ def test_select_variants_keeps_the_order_given_and_refuses_unknown_names():
     assert picked.overrides == ab.overrides
     with pytest.raises(CfError, match="self_forcin'"):
         ablation.select_variants(ab, ["self_forcin"])
+
+
+def test_tau_and_teacher_context_are_cells_of_the_world_claims_grid():
+    """The two older ablations run at the claims_world budgets, so their shared cells are the same stages
+    (same cache hashes, bench included): re-measuring them costs only what the grid does not already run."""
+    def plans(name):
+        return {v: {p.name: p.key for p in pipeline.plan(c)} for v, c in configs(name).items()}
+
+    world, context, tau = plans("claims_world"), plans("teacher_context"), plans("tau")
+    assert context == {"long": world["context_forcing"], "window": world["cf_window"],
+                       "short": world["cf_short"]}
+    assert tau["tau0.998"] == world["context_forcing"]
+    assert {p["teacher_erft"] for p in tau.values()} == {world["context_forcing"]["teacher_erft"]}
+    assert len({p["cdmd2"] for p in tau.values()}) == 4
