@@ -51,12 +51,12 @@ class SelfAttention(nn.Module):
         """
         b, f, n, d = x.shape
         q, k, v = self.qkv(x).view(b, f, n, 3, self.heads, self.head_dim).unbind(3)
-        # autocast runs the norms in fp32; back to v's dtype so the cache stores bf16 keys, not fp32
-        if q_from:
+        if q_from:  # only these frames ask; every frame still answers (keys and values)
             q, cos_q, sin_q = q[:, q_from:], cos[:, q_from:], sin[:, q_from:]
             mask = None if mask is None else mask[q_from * n:]
         else:
             cos_q, sin_q = cos, sin
+        # autocast runs the norms in fp32; back to v's dtype so the cache stores bf16 keys, not fp32
         q = _norm_heads(self.norm_q, q, self.across_heads).to(v.dtype)
         k = _norm_heads(self.norm_k, k, self.across_heads).to(v.dtype)
         qr, kr = apply_rope(q, cos_q, sin_q), apply_rope(k, cos, sin)

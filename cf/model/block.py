@@ -8,6 +8,11 @@ from torch import Tensor, nn
 from cf.model.attention import CrossAttention, SelfAttention
 
 
+def _kept(keep_from: int, *ts: Tensor) -> tuple[Tensor, ...]:
+    """Frames keep_from.. of each per-frame tensor [B, F, ...]: what the block runs after its attention."""
+    return ts if not keep_from else tuple(t[:, keep_from:] for t in ts)
+
+
 class Block(nn.Module):
     def __init__(self, dim: int, heads: int, ffn_dim: int, qk_norm: bool, across_heads: bool = False,
                  fp32_modulation: bool = False):
@@ -44,8 +49,7 @@ class Block(nn.Module):
         mod = (self.modulation + e).unsqueeze(2)  # [B, F, 1, 6, D]: one per frame, shared by its tokens
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(3)
         a, kv = self.attn(self.norm1(x) * (1 + scale1) + shift1, cos, sin, read_kv, mask, keep_from)
-        if keep_from:
-            x, gate1, scale2, shift2, gate2 = (t[:, keep_from:] for t in (x, gate1, scale2, shift2, gate2))
+        x, gate1, scale2, shift2, gate2 = _kept(keep_from, x, gate1, scale2, shift2, gate2)
         x = x + gate1 * a
         x = x + self.cross(self.norm_cross(x), ctx, ctx_mask)
         x = x + gate2 * self.ffn(self.norm2(x) * (1 + scale2) + shift2)
@@ -61,8 +65,7 @@ class Block(nn.Module):
             shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(3)
             h = (self.norm1(x.to(hp)) * (1 + scale1) + shift1).to(dt)
         a, kv = self.attn(h, cos, sin, read_kv, mask, keep_from)
-        if keep_from:
-            x, gate1, scale2, shift2, gate2 = (t[:, keep_from:] for t in (x, gate1, scale2, shift2, gate2))
+        x, gate1, scale2, shift2, gate2 = _kept(keep_from, x, gate1, scale2, shift2, gate2)
         with torch.autocast(x.device.type, enabled=False):
             x = (x.to(hp) + gate1 * a.to(hp)).to(dt)
             h = self.norm_cross(x.to(hp)).to(dt)
