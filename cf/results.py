@@ -306,19 +306,20 @@ def write_tables(
     runs: pd.DataFrame | None = None,
 ) -> list[Path]:
     """Write `<out>/<preset>/<ablation>.md` and `.csv` for each ablation with finished runs."""
-    from cf import seedstats
+    from cf import claims, seedstats
     from cf.seedtables import headline, log_seed_tables, seed_tables
 
     stored = runs is None
     df = with_committed_seeds(pipeline_runs(cfg), out) if stored else runs
     if df.empty:
         return []
-    per_seed = latest(df)
+    per_seed = latest(df).copy()  # one block again after the column-wise merges (pandas warns otherwise)
     per_seed = per_seed.assign(**{c: per_seed[c].fillna("").astype(str) for c in ("ablation", "variant")})
     stats = seed_means(per_seed)  # seed means, their intervals, `seeds`
     df = stats[[c for c in stats.columns if not c.endswith((seedstats.LO, seedstats.HI))]]
     wanted = None if ablations is None else set(ablations)
     written: list[Path] = []
+    verdict_presets: set[str] = set()  # presets whose claims grids were rewritten
     for (preset, ablation), group in df.groupby(["preset", "ablation"], sort=True):
         name = ablation or UNGROUPED
         if wanted is not None and ablation not in wanted and name not in wanted:
@@ -342,4 +343,8 @@ def write_tables(
             heads = [c for c, *_ in headline(bench_rows(seeds.drop(columns="_o")))]
             log_seed_tables(cfg, str(preset), name, stats.loc[group.index], pairs, heads, files)
         written += files
+        if ablation in claims.GRIDS:
+            verdict_presets.add(str(preset))
+    for preset in sorted(verdict_presets):
+        written += claims.write_verdicts(out, preset)
     return written
