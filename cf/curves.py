@@ -14,34 +14,55 @@ from omegaconf import DictConfig
 
 from cf import tracking
 from cf.config.load import ROOT
-from cf.results import GROUP, RESULTS, UNGROUPED, bench_rows, latest, pipeline_runs, seed_means
+from cf.results import (
+    GROUP,
+    RESULTS,
+    UNGROUPED,
+    bench_rows,
+    latest,
+    pipeline_runs,
+    seed_means,
+    with_committed_seeds,
+)
 
 
 def load_rows(cfg: DictConfig, results_dir: str | Path = RESULTS) -> tuple[pd.DataFrame, str]:
-    """Seed-mean pipeline rows and where they came from: the MLflow store when it has finished
-    pipeline runs, else the tables committed under `results_dir/<preset>/*.csv` (a fresh clone)."""
-    df = pipeline_runs(cfg)
-    source = f"MLflow ({cfg.tracking.experiment})"
-    if df.empty:
-        # the seed-mean tables only (not their .paired.csv or .seeds.csv companions)
-        files = sorted(f for f in Path(results_dir).glob("*/*.csv") if f.suffixes == [".csv"])
-        frames = [pd.read_csv(f, keep_default_na=False, na_values=[""]) for f in files]
-        frames = [f for f in frames if {"preset", "ablation", "variant"} <= set(f.columns)]
-        if not frames:
-            return pd.DataFrame(columns=[*GROUP, "label"]), "no runs yet"
-        rows, source = (
-            pd.concat(frames, ignore_index=True),
-            f"{len(frames)} committed table(s) in {results_dir}",
-        )
+    """Seed-mean pipeline rows (with their intervals) and where they came from: the MLflow store's
+    finished pipeline runs plus the per-seed rows committed under `results_dir` (`<grid>.seeds.csv`: other
+    machines' and earlier sessions' runs, as `cf tables` merges them), and, for a (preset, grid) with no
+    per-seed rows anywhere, its committed seed-mean table (`results_dir/<preset>/<grid>.csv`)."""
+    stored = pipeline_runs(cfg)
+    runs = with_committed_seeds(stored, results_dir)
+    parts, sources = [], []
+    if not runs.empty:
+        parts.append(seed_means(latest(runs)))
+        if not stored.empty:
+            sources.append(f"MLflow ({cfg.tracking.experiment})")
+        if len(runs) > len(stored):
+            sources.append(f"{len(runs) - len(stored)} committed per-seed row(s)")
+    have = {(str(p), str(a)) for p, a in zip(parts[0]["preset"], parts[0]["ablation"])} if parts else set()
+    # the seed-mean tables only (not their .paired.csv or .seeds.csv companions)
+    files = sorted(f for f in Path(results_dir).glob("*/*.csv") if f.suffixes == [".csv"])
+    tables = []
+    for f in files:
+        t = pd.read_csv(f, keep_default_na=False, na_values=[""])
+        if not {"preset", "ablation", "variant"} <= set(t.columns):
+            continue
         for c in ("ablation", "variant"):
-            rows[c] = rows[c].fillna("").astype(str)
-    else:
-        rows = seed_means(latest(df))
+            t[c] = t[c].fillna("").astype(str)
+        t = t[[(str(p), a) not in have for p, a in zip(t["preset"], t["ablation"])]]
+        if len(t):
+            tables.append(t)
+    if tables:
+        parts += tables
+        sources.append(f"{len(tables)} committed table(s) in {results_dir}")
+    if not parts:
+        return pd.DataFrame(columns=[*GROUP, "label"]), "no runs yet"
     from cf.bench.tables import row_label
 
-    rows = rows.reset_index(drop=True)
+    rows = pd.concat(parts, ignore_index=True)
     rows["label"] = [row_label(r) for _, r in bench_rows(rows).iterrows()]
-    return rows, source
+    return rows, " + ".join(sources)
 
 
 def _bounds(row, col: str) -> dict[str, float]:
@@ -116,6 +137,7 @@ def teacher_curve(rows: pd.DataFrame) -> pd.DataFrame:
         steps = r.get("teacher/steps", float("nan"))
         steps = 1000 * int(m["k"]) if pd.isna(steps) else float(steps)
         for name, col in measures.items():
+            col = col if col in rows.columns else col.removeprefix("bench/")  # bench_rows' names too
             if col in rows.columns and pd.notna(r[col]):
                 out.append({"preset": r["preset"], "grid": r["ablation"], "context": int(m["frames"]),
                             "steps": steps, "measure": name, "value": float(r[col]), **_bounds(r, col)})

@@ -150,10 +150,10 @@ def bench_rows(df: pd.DataFrame) -> pd.DataFrame:
     A variant that is neither the method nor the memory policy is shown beside the policy
     (`context_forcing (slowfast; erft=off)`), since the renderers label rows by method and memory.
     """
-    out = df[[c for c in df.columns if not c.startswith("bench/")]].copy()
-    for c in df.columns:
-        if c.startswith("bench/"):
-            out[c.removeprefix("bench/")] = df[c].values
+    scores = df[[c for c in df.columns if c.startswith("bench/")]]
+    scores = scores.rename(columns=lambda c: c.removeprefix("bench/"))
+    kept = df[[c for c in df.columns if not c.startswith("bench/") and c not in scores.columns]]
+    out = pd.concat([kept, scores], axis=1)  # one concat: a column-wise insert per score fragments the frame
     out["memory"] = [
         _read_through(str(p), str(m), str(k)) for p, m, k in zip(out["preset"], out["method"], out["memory"])
     ]
@@ -181,6 +181,31 @@ def _teacher_table(df: pd.DataFrame) -> str | None:
             out[head].append(fmt(r.get(f"{stage}/{key}"), ".1f"))
     if all(c == "-" for _, head in TEACHER_PSNR for c in out[head]):
         return None
+    return markdown(pd.DataFrame(out))
+
+
+def _teacher_curve_table(df: pd.DataFrame) -> str | None:
+    """The teacher learning curve (`ablations/teacher_curve*.yaml`): per teacher length and measure, one
+    column per teacher step count reached; None outside those grids."""
+    from cf.bench.tables import fmt, markdown
+    from cf.curves import teacher_curve
+
+    tc = teacher_curve(df)
+    if tc.empty:
+        return None
+    heads = {"psnr_seen": ("ERFT teacher, continuation PSNR on pixels seen before (dB)", ".1f"),
+             "psnr_all": ("ERFT teacher, continuation PSNR, all pixels (dB)", ".1f"),
+             "retention": ("student, revisit retention", ".2f")}
+    steps = sorted(set(tc["steps"]))
+    out: dict[str, list[str]] = {"teacher": [], "measure": []}
+    out.update({f"{s:,.0f} steps": [] for s in steps})
+    for (context, measure), g in tc.groupby(["context", "measure"], sort=False):
+        head, spec = heads[measure]
+        out["teacher"].append(f"{context}-frame")
+        out["measure"].append(head)
+        at = dict(zip(g["steps"], g["value"]))
+        for s in steps:
+            out[f"{s:,.0f} steps"].append(fmt(at.get(s), spec))
     return markdown(pd.DataFrame(out))
 
 
@@ -251,6 +276,8 @@ def render(name: str, rows: pd.DataFrame, description: str = "") -> str:
          "could serve; 0 = out of its reach)", lambda: tables.revisit_table(rows, "sink_share")),
         ("Revisit PSNR (dB) by lag", lambda: tables.revisit_table(rows, "psnr")),
         ("Teacher continuation PSNR (dB) on held-out clips", lambda: _teacher_table(rows)),
+        ("Teacher learning curve: teacher optimizer steps reached (columns), per teacher length",
+         lambda: _teacher_curve_table(rows)),
         (
             "Generator stages vs the untrained student: revisit PSNR (dB), held-out worlds",
             lambda: _stage_table(rows, "distilled_revisit_psnr", "untrained_revisit_psnr", ".1f", 1.0),

@@ -204,7 +204,7 @@ def test_lag_bins_sit_at_their_geometric_centre_and_an_empty_curve_plots_nothing
 def test_what_the_notebooks_plot_comes_from_the_store_or_the_committed_tables(toy_store, tmp_path):
     tmp, store = toy_store
     cfg = load_config("smoke", overrides=store)
-    rows, source = curves.load_rows(cfg)
+    rows, source = curves.load_rows(cfg, results_dir=tmp_path / "nothing")
     assert source == "MLflow (t)" and list(rows["label"]) == LABELS
     ff = curves.first_frame_curves(rows)
     got = {(r.label, r.t): round(r.value, 6) for r in ff.itertuples()}
@@ -221,8 +221,16 @@ def test_what_the_notebooks_plot_comes_from_the_store_or_the_committed_tables(to
     results.write_tables(cfg, out=tmp_path / "res")
     empty = load_config("smoke", overrides=[f"tracking.uri=sqlite:///{tmp_path / 'none.db'}"])
     rows2, source2 = curves.load_rows(empty, results_dir=tmp_path / "res")
-    assert source2.startswith("1 committed table(s)") and list(rows2["label"]) == LABELS
-    assert curves.first_frame_curves(rows2).equals(ff)
+    assert source2 == f"{len(LABELS)} committed per-seed row(s)" and list(rows2["label"]) == LABELS
+    pd.testing.assert_frame_equal(curves.first_frame_curves(rows2), ff)
+    # the store's runs and another machine's committed seeds of the same grid are one table
+    assert curves.load_rows(cfg, results_dir=tmp_path / "res")[1] == "MLflow (t)"  # same runs: no doubles
+    # a grid with a seed-mean table but no per-seed rows (an older table) still plots
+    for f in (tmp_path / "res").glob("*/*.seeds.csv"):
+        f.unlink()
+    rows3, source3 = curves.load_rows(empty, results_dir=tmp_path / "res")
+    assert source3.startswith("1 committed table(s)") and list(rows3["label"]) == LABELS
+    pd.testing.assert_frame_equal(curves.first_frame_curves(rows3), ff)
     assert curves.load_rows(empty, results_dir=tmp_path / "nothing")[1] == "no runs yet"
 
 
@@ -314,3 +322,10 @@ def test_teacher_curve_reads_steps_psnr_and_retention_per_teacher_length():
     assert (seen["lo"].iloc[0], seen["hi"].iloc[0]) == (12.0, 14.5)  # steps: the reached count, else planned
     assert set(tc["measure"]) == {"psnr_seen", "psnr_all", "retention"} and len(tc) == 9
     assert curves.teacher_curve(rows[rows["ablation"] == "claims"]).empty
+    # the grid's table: one row per teacher length and measure, one column per step count reached
+    lines = results._teacher_curve_table(rows).splitlines()
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in lines]
+    assert cells[0] == ["teacher", "measure", "1,000 steps", "2,000 steps", "6,321 steps"]
+    seen16 = next(c for c in cells if c[0] == "16-frame" and "seen before" in c[1])
+    assert seen16[2:] == ["14.0", "-", "18.0"]
+    assert results._teacher_curve_table(rows[rows["ablation"] == "claims"]) is None
