@@ -125,10 +125,13 @@ TEACHER_CURVE = re.compile(r"^t(?P<frames>\d+)_(?P<k>\d+)k$")  # teacher_curve v
 def teacher_curve(rows: pd.DataFrame) -> pd.DataFrame:
     """Long form of the teacher learning curve (`ablations/teacher_curve*.yaml`): grid, context (the
     teacher's frames), steps (reached, else planned), measure (`psnr_seen`: the ERFT teacher's continuation
-    PSNR on pixels seen before and out of the last 4 frames; `psnr_all`; `retention`: its student's
-    benchmark retention), value, lo, hi (95% interval over seeds; NaN with one seed)."""
-    measures = {"psnr_seen": "teacher_erft/psnr_long_memory", "psnr_all": "teacher_erft/psnr_long_all",
-                "retention": "bench/revisit_retention"}
+    PSNR on pixels seen before and out of the last 4 frames, only a teacher with more than 4 frames has
+    them; `psnr_seen_short`: the same pixels continued from the last 4 frames only, so the gap is what the
+    history is used for; `psnr_all`; `retention`: its student's benchmark retention), value, lo, hi (95%
+    interval over seeds; NaN with one seed)."""
+    measures = {"psnr_seen": "teacher_erft/psnr_long_memory",
+                "psnr_seen_short": "teacher_erft/psnr_short_memory",
+                "psnr_all": "teacher_erft/psnr_long_all", "retention": "bench/revisit_retention"}
     out = []
     for _, r in rows.iterrows():
         m = TEACHER_CURVE.match(str(r.get("variant", "")))

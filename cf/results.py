@@ -194,6 +194,7 @@ def _teacher_curve_table(df: pd.DataFrame) -> str | None:
     if tc.empty:
         return None
     heads = {"psnr_seen": ("ERFT teacher, continuation PSNR on pixels seen before (dB)", ".1f"),
+             "psnr_seen_short": ("the same pixels, continued from the last 4 frames only (dB)", ".1f"),
              "psnr_all": ("ERFT teacher, continuation PSNR, all pixels (dB)", ".1f"),
              "retention": ("student, revisit retention", ".2f")}
     steps = sorted(set(tc["steps"]))
