@@ -66,7 +66,11 @@ def test_cf_tables_shows_seed_intervals_and_paired_differences(tmp_path):
     df["teacher/cut_short"] = [0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     written = results.write_tables(cfg, out=tmp_path, runs=df)
     assert sorted(p.name for p in written) == ["claims.csv", "claims.md", "claims.paired.csv",
-                                               "claims.seeds.csv"]
+                                               "claims.seeds.csv", "claims_verdicts.csv",
+                                               "claims_verdicts.md"]
+    # two of the seven cells: no claim can be decided yet, and the verdicts file says so
+    verdicts = (tmp_path / "tiny" / "claims_verdicts.md").read_text()
+    assert "not decided (fewer than 2 seeds in some cell)" in verdicts
     md = (tmp_path / "tiny" / "claims.md").read_text()
     lines = md.splitlines()
     seeds = lines[lines.index("## Seeds: mean [95% interval] (Student t over training seeds)") + 4:][:4]
