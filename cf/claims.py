@@ -159,36 +159,31 @@ def decide(seeds: pd.DataFrame, scheme: str) -> tuple[pd.DataFrame, pd.DataFrame
     return pd.DataFrame(verdicts), pd.DataFrame(detail)
 
 
-def write_verdicts(results_dir: str | Path, preset: str) -> list[Path]:
-    """`<results_dir>/<preset>/claims_verdicts.md` and `.csv` from the grids' committed per-seed rows;
-    nothing when neither grid has any."""
+def write_verdicts(base: str | Path, grids: dict[str, pd.DataFrame]) -> list[Path]:
+    """`<base>/claims_verdicts.md` and `.csv` from the claims grids' per-seed rows (`grids`: grid name ->
+    its rows, as in `<grid>.seeds.csv`); nothing when neither grid is given."""
     from cf.bench.tables import markdown
-    from cf.results import SEEDS
     from cf.utils import atomic_write_text
 
-    base = Path(results_dir) / preset
     verdicts, details, seen = [], [], {}
     for grid, scheme in GRIDS.items():
-        path = base / f"{grid}{SEEDS}"
-        if not path.is_file():
+        if grid not in grids or grids[grid].empty:
             continue
-        seeds = pd.read_csv(path, keep_default_na=False, na_values=[""])
-        seeds["variant"] = seeds["variant"].astype(str)
+        seeds = grids[grid].assign(variant=grids[grid]["variant"].astype(str))
         v, d = decide(seeds, scheme)
         verdicts.append(v)
         details.append(d)
-        seen[scheme] = sorted(int(s) for s in seeds["seed"].unique())
+        seen[grid] = sorted(int(s) for s in seeds["seed"].unique())
     if not verdicts:
         return []
     v, d = pd.concat(verdicts, ignore_index=True), pd.concat(details, ignore_index=True)
     table = v.pivot(index="claim", columns="scheme", values="verdict").reset_index()
     shown = d.assign(value=d["text"]).drop(columns=["mean", "lo", "hi", "text"])
-    sources = ", ".join(f"`{g}{SEEDS}` (seeds {', '.join(map(str, seen[s]))})"
-                        for g, s in GRIDS.items() if s in seen)
+    sources = ", ".join(f"`{g}` (seeds {', '.join(map(str, s))})" for g, s in seen.items())
     md = "\n".join([
         "# The paper's claims: verdicts from the per-seed rows",
         "",
-        "Written by `cf tables` (`cf/claims.py`, whose docstring states the rules) from "
+        "Written by `cf tables` (`cf/claims.py`, whose docstring states the rules) from the per-seed rows of "
         + sources
         + ". Differences are variant - context_forcing, paired by seed, mean [95% interval], shown times "
         "`shown_x` (the CSV keeps them unscaled).",
@@ -200,5 +195,6 @@ def write_verdicts(results_dir: str | Path, preset: str) -> list[Path]:
         markdown(shown),
         "",
     ])
+    base = Path(base)
     return [atomic_write_text(base / "claims_verdicts.md", md),
             atomic_write_text(base / "claims_verdicts.csv", d.to_csv(index=False))]

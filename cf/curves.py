@@ -4,7 +4,6 @@ training benchmarks' records, and the stages' loss histories."""
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from cf import tracking
+from cf import seedstats, tracking
 from cf.config.load import ROOT
 from cf.results import (
     GROUP,
@@ -65,13 +64,6 @@ def load_rows(cfg: DictConfig, results_dir: str | Path = RESULTS) -> tuple[pd.Da
     return rows, " + ".join(sources)
 
 
-def _bounds(row, col: str) -> dict[str, float]:
-    """A seed-mean cell's 95% interval (NaN when the row has none: one seed, or an older table)."""
-    from cf.seedstats import HI, LO
-
-    return {"lo": float(row.get(col + LO, float("nan"))), "hi": float(row.get(col + HI, float("nan")))}
-
-
 def first_frame_curves(rows: pd.DataFrame) -> pd.DataFrame:
     """Long form of first-frame consistency: preset, ablation, label, backbone, t (s), value, lo, hi (its
     95% interval over seeds; NaN with one seed)."""
@@ -90,7 +82,7 @@ def first_frame_curves(rows: pd.DataFrame) -> pd.DataFrame:
                         "backbone": m["backbone"],
                         "t": float(m["t"]),
                         "value": float(r[c]),
-                        **_bounds(r, c),
+                        **seedstats.bounds(r, c),
                     }
                 )
     return pd.DataFrame(out, columns=["preset", "ablation", "label", "backbone", "t", "value", "lo", "hi"])
@@ -113,40 +105,10 @@ def revisit_curves(rows: pd.DataFrame, what: str = "retention") -> pd.DataFrame:
                         "lo_s": float(m["lo"]),
                         "hi_s": float(m["hi"]),
                         "value": float(r[c]),
-                        **_bounds(r, c),
+                        **seedstats.bounds(r, c),
                     }
                 )
     return pd.DataFrame(out, columns=["preset", "ablation", "label", "lo_s", "hi_s", "value", "lo", "hi"])
-
-
-TEACHER_CURVE = re.compile(r"^t(?P<frames>\d+)_(?P<k>\d+)k$")  # teacher_curve variants: t16_2k, t4_8k, ...
-
-
-def teacher_curve(rows: pd.DataFrame) -> pd.DataFrame:
-    """Long form of the teacher learning curve (`ablations/teacher_curve*.yaml`): grid, context (the
-    teacher's frames), steps (reached, else planned), measure (`psnr_seen`: the ERFT teacher's continuation
-    PSNR on pixels seen before and out of the last 4 frames, only a teacher with more than 4 frames has
-    them; `psnr_seen_short`: the same pixels continued from the last 4 frames only, so the gap is what the
-    history is used for; `psnr_all`; `retention`: its student's benchmark retention), value, lo, hi (95%
-    interval over seeds; NaN with one seed)."""
-    measures = {"psnr_seen": "teacher_erft/psnr_long_memory",
-                "psnr_seen_short": "teacher_erft/psnr_short_memory",
-                "psnr_all": "teacher_erft/psnr_long_all", "retention": "bench/revisit_retention"}
-    out = []
-    for _, r in rows.iterrows():
-        m = TEACHER_CURVE.match(str(r.get("variant", "")))
-        if not m or not str(r.get("ablation", "")).startswith("teacher_curve"):
-            continue
-        steps = r.get("teacher/steps", float("nan"))
-        steps = 1000 * int(m["k"]) if pd.isna(steps) else float(steps)
-        for name, col in measures.items():
-            col = col if col in rows.columns else col.removeprefix("bench/")  # bench_rows' names too
-            if col in rows.columns and pd.notna(r[col]):
-                out.append({"preset": r["preset"], "grid": r["ablation"], "context": int(m["frames"]),
-                            "steps": steps, "measure": name, "value": float(r[col]), **_bounds(r, col)})
-    cols = ["preset", "grid", "context", "steps", "measure", "value", "lo", "hi"]
-    return pd.DataFrame(out, columns=cols).sort_values(["grid", "context", "steps"]) if out else \
-        pd.DataFrame(columns=cols)
 
 
 def lag_centres(lo_s, hi_s) -> np.ndarray:

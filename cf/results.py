@@ -184,32 +184,6 @@ def _teacher_table(df: pd.DataFrame) -> str | None:
     return markdown(pd.DataFrame(out))
 
 
-def _teacher_curve_table(df: pd.DataFrame) -> str | None:
-    """The teacher learning curve (`ablations/teacher_curve*.yaml`): per teacher length and measure, one
-    column per teacher step count reached; None outside those grids."""
-    from cf.bench.tables import fmt, markdown
-    from cf.curves import teacher_curve
-
-    tc = teacher_curve(df)
-    if tc.empty:
-        return None
-    heads = {"psnr_seen": ("ERFT teacher, continuation PSNR on pixels seen before (dB)", ".1f"),
-             "psnr_seen_short": ("the same pixels, continued from the last 4 frames only (dB)", ".1f"),
-             "psnr_all": ("ERFT teacher, continuation PSNR, all pixels (dB)", ".1f"),
-             "retention": ("student, revisit retention", ".2f")}
-    steps = sorted(set(tc["steps"]))
-    out: dict[str, list[str]] = {"teacher": [], "measure": []}
-    out.update({f"{s:,.0f} steps": [] for s in steps})
-    for (context, measure), g in tc.groupby(["context", "measure"], sort=False):
-        head, spec = heads[measure]
-        out["teacher"].append(f"{context}-frame")
-        out["measure"].append(head)
-        at = dict(zip(g["steps"], g["value"]))
-        for s in steps:
-            out[f"{s:,.0f} steps"].append(fmt(at.get(s), spec))
-    return markdown(pd.DataFrame(out))
-
-
 def _stage_table(df: pd.DataFrame, metric: str, untrained: str, spec: str, scale: float) -> str | None:
     """One generator metric per stage (student, cdmd1, cdmd2) beside the untrained student's (and, where
     measured, the undistilled one's: the teacher's weights in the student's sampler)."""
@@ -258,6 +232,7 @@ def _time_table(df: pd.DataFrame) -> str | None:
 
 def render(name: str, rows: pd.DataFrame, description: str = "") -> str:
     """One ablation's Markdown: the paper's tables for its rows (sections without data are skipped)."""
+    from cf import teacher_curve
     from cf.bench import tables
 
     preset = ", ".join(sorted(set(rows["preset"])))
@@ -278,7 +253,7 @@ def render(name: str, rows: pd.DataFrame, description: str = "") -> str:
         ("Revisit PSNR (dB) by lag", lambda: tables.revisit_table(rows, "psnr")),
         ("Teacher continuation PSNR (dB) on held-out clips", lambda: _teacher_table(rows)),
         ("Teacher learning curve: teacher optimizer steps reached (columns), per teacher length",
-         lambda: _teacher_curve_table(rows)),
+         lambda: teacher_curve.table(rows)),
         (
             "Generator stages vs the untrained student: revisit PSNR (dB), held-out worlds",
             lambda: _stage_table(rows, "distilled_revisit_psnr", "untrained_revisit_psnr", ".1f", 1.0),
@@ -373,6 +348,9 @@ def write_tables(
         written += files
         if ablation in claims.GRIDS:
             verdict_presets.add(str(preset))
-    for preset in sorted(verdict_presets):
-        written += claims.write_verdicts(out, preset)
+    for preset in sorted(verdict_presets):  # from the files just written, so both schemes are in
+        base = Path(out) / preset
+        grids = {g: pd.read_csv(base / f"{g}{SEEDS}", keep_default_na=False, na_values=[""])
+                 for g in claims.GRIDS if (base / f"{g}{SEEDS}").is_file()}
+        written += claims.write_verdicts(base, grids)
     return written

@@ -62,6 +62,12 @@ def interval(values: Iterable[float], level: float = LEVEL) -> Interval:
     return Interval(mean, mean - half, mean + half, n)
 
 
+def bounds(row, col: str) -> dict[str, float]:
+    """A seed-mean cell's 95% interval as {"lo", "hi"} from its `<col>_ci_lo` / `<col>_ci_hi` companions
+    (NaN when the row has none: one seed, or an older table)."""
+    return {"lo": float(row.get(col + LO, math.nan)), "hi": float(row.get(col + HI, math.nan))}
+
+
 def aggregate(df: pd.DataFrame, group: Sequence[str], columns: Sequence[str]) -> pd.DataFrame:
     """One row per group: each column's mean, its interval as ``<col>_ci_lo`` / ``<col>_ci_hi``, and
     ``seeds`` (rows in the group). Columns missing from `df` are skipped."""

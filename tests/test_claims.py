@@ -100,13 +100,14 @@ def test_one_seed_or_a_missing_cell_decides_nothing():
     assert v["C2"].startswith("not decided") and v["C3"] == "cannot tell"
 
 
-def test_write_verdicts_reads_the_committed_seed_files(tmp_path):
+def test_write_verdicts_puts_both_schemes_side_by_side(tmp_path):
     (tmp_path / "tiny").mkdir()
     short = {claims.CONTEXT: [2.0, 2.5, 1.6]}
     grid(longlive=short, infinite_rope=short, self_forcing=short).to_csv(
         tmp_path / "tiny" / "claims_world.seeds.csv", index=False)
     grid().to_csv(tmp_path / "tiny" / "claims.seeds.csv", index=False)
-    md, csv = claims.write_verdicts(tmp_path, "tiny")
+    grids = {g: pd.read_csv(tmp_path / "tiny" / f"{g}.seeds.csv") for g in claims.GRIDS}
+    md, csv = claims.write_verdicts(tmp_path / "tiny", grids)
     text = md.read_text()
     rows = {cells[0]: cells[1:] for line in text.splitlines() if line.startswith("| C")
             for cells in [[c.strip() for c in line.split("|")[1:-1]]]}
@@ -114,4 +115,4 @@ def test_write_verdicts_reads_the_committed_seed_files(tmp_path):
     assert rows["C1"] == ["does not hold", "holds"] and rows["C2"] == ["cannot tell", "cannot tell"]
     table = pd.read_csv(csv)
     assert set(table["scheme"]) == {"frame-relative", "world"}
-    assert claims.write_verdicts(tmp_path, "small") == []  # no seed files for that preset
+    assert claims.write_verdicts(tmp_path / "small", {}) == []  # neither grid has rows

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cf import ablation, curves, pipeline, results, tracking
+from cf import ablation, curves, pipeline, results, teacher_curve, tracking
 from cf.cli import main
 from cf.config import load_config
 
@@ -315,17 +315,17 @@ def test_teacher_curve_reads_steps_psnr_and_retention_per_teacher_length():
          "teacher_erft/psnr_long_memory_ci_lo": 12.0, "teacher_erft/psnr_long_memory_ci_hi": 14.5},
         {**row, "ablation": "claims", "variant": "context_forcing", "teacher/steps": 2000.0},  # another grid
     ])
-    tc = curves.teacher_curve(rows)
+    tc = teacher_curve.teacher_curve(rows)
     seen = tc[tc["measure"] == "psnr_seen"]
     assert list(zip(seen["context"], seen["steps"], seen["value"])) == [(4, 2000.0, 13.0), (16, 1000.0, 14.0),
                                                                         (16, 6321.0, 18.0)]
     assert (seen["lo"].iloc[0], seen["hi"].iloc[0]) == (12.0, 14.5)  # steps: the reached count, else planned
     assert set(tc["measure"]) == {"psnr_seen", "psnr_all", "retention"} and len(tc) == 9
-    assert curves.teacher_curve(rows[rows["ablation"] == "claims"]).empty
+    assert teacher_curve.teacher_curve(rows[rows["ablation"] == "claims"]).empty
     # the grid's table: one row per teacher length and measure, one column per step count reached
-    lines = results._teacher_curve_table(rows).splitlines()
+    lines = teacher_curve.table(rows).splitlines()
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in lines]
     assert cells[0] == ["teacher", "measure", "1,000 steps", "2,000 steps", "6,321 steps"]
     seen16 = next(c for c in cells if c[0] == "16-frame" and "seen before" in c[1])
     assert seen16[2:] == ["14.0", "-", "18.0"]
-    assert results._teacher_curve_table(rows[rows["ablation"] == "claims"]) is None
+    assert teacher_curve.table(rows[rows["ablation"] == "claims"]) is None
