@@ -44,21 +44,30 @@ GOAL = 4.0  # C1's effective-context ratio goal at tiny (the paper reports 2-10x
 CONTEXT, RETENTION = "bench/effective_context_s", "bench/revisit_retention"
 MEMORY = (RETENTION, CONTEXT)
 PRICE = ("bench/flow_magnitude",)  # shown beside C4 with the realism FD columns; never part of a verdict
+NONE = seedstats.Interval(math.nan, math.nan, math.nan, 0)  # a comparison with a cell not run
 
 
-def _pairs(seeds: pd.DataFrame, variant: str, col: str, transform=None) -> list[float]:
-    """Per seed both rows have: variant's `col` - the reference's (after `transform`, when given)."""
-    f = transform or (lambda x: x)
-    ref = seeds[seeds["variant"] == REFERENCE].set_index("seed")[col]
-    var = seeds[seeds["variant"] == variant].set_index("seed")[col]
-    common = sorted(set(ref.dropna().index) & set(var.dropna().index))
-    return [f(float(var[s])) - f(float(ref[s])) for s in common]
+def _diff(seeds: pd.DataFrame, variant: str, col: str) -> seedstats.Interval:
+    """The paired interval of variant - the reference on `col` (`seedstats.paired`), NONE when not run."""
+    if col not in seeds or variant not in set(seeds["variant"]):
+        return NONE
+    p = seedstats.paired(seeds[seeds["variant"].isin([REFERENCE, variant])], "variant", REFERENCE, [col])
+    if p.empty:
+        return NONE
+    r = p.iloc[0]
+    return seedstats.Interval(float(r["delta"]), float(r["lo"]), float(r["hi"]), int(r["pairs"]))
+
+
+def _too_few(n: int) -> str | None:
+    """The outcome of a comparison with fewer than 2 paired seeds (None with 2 or more)."""
+    return None if n >= 2 else "no interval (1 seed)" if n == 1 else "not run"
 
 
 def outcome(intervals: list[seedstats.Interval]) -> str:
     """A comparison over measures that are all "higher is better" (intervals of variant - CF)."""
-    if not intervals or any(iv.n < 2 for iv in intervals):
-        return "no interval (1 seed)" if intervals and max(iv.n for iv in intervals) == 1 else "not run"
+    few = _too_few(min((iv.n for iv in intervals), default=0))
+    if few:
+        return few
     worse = any(iv.hi < 0 for iv in intervals if math.isfinite(iv.hi))
     better = any(iv.lo > 0 for iv in intervals if math.isfinite(iv.lo))
     if worse and better:
@@ -94,7 +103,6 @@ def _first_frame_column(seeds: pd.DataFrame) -> str | None:
     return "bench/" + series[backbone][-1][1]
 
 
-NONE = seedstats.Interval(math.nan, math.nan, math.nan, 0)  # a comparison with a cell not run
 
 
 def _row(scheme, claim, comparison, measure, iv: seedstats.Interval, spec, result="", scale=1.0) -> dict:
@@ -108,11 +116,9 @@ def decide(seeds: pd.DataFrame, scheme: str) -> tuple[pd.DataFrame, pd.DataFrame
     per-seed rows (columns variant, seed and the `bench/` scores, as in `<grid>.seeds.csv`)."""
     detail: list[dict] = []
     verdicts: list[dict] = []
-    have = set(seeds["variant"]) if len(seeds) else set()
 
     def compare(claim, variant, measures, spec=".2f", scale=1.0):
-        ivs = [seedstats.interval(_pairs(seeds, variant, m)) if variant in have and m in seeds else NONE
-               for m in measures]
+        ivs = [_diff(seeds, variant, m) for m in measures]
         result = outcome(ivs)
         for m, iv in zip(measures, ivs):
             detail.append(_row(scheme, claim, f"{variant} - {REFERENCE}", m.removeprefix("bench/"), iv, spec,
@@ -123,15 +129,14 @@ def decide(seeds: pd.DataFrame, scheme: str) -> tuple[pd.DataFrame, pd.DataFrame
     c1 = []
     fps = seeds["data.fps"].dropna() if "data.fps" in seeds else ()
     floor = resolution_s(float(fps.iloc[0])) if len(fps) else 0.0
+    logs = seeds.assign(_log_context=[math.log(max(x, floor)) for x in seeds[CONTEXT]]) if floor else seeds
     for b in BASELINES:
-        logs = _pairs(seeds, b, CONTEXT, lambda x: math.log(max(x, floor))) if b in have and floor else []
-        iv = seedstats.interval([-d for d in logs])  # ln(CF / baseline)
-        ratio = seedstats.Interval(*(math.exp(v) if math.isfinite(v) else v for v in (iv.mean, iv.lo, iv.hi)),
-                                   iv.n)
-        if iv.n < 2:
-            result = "no interval (1 seed)" if iv.n == 1 else "not run"
-        else:
-            result = "holds" if ratio.lo >= GOAL else "fails" if ratio.hi < GOAL else "cannot tell"
+        iv = _diff(logs, b, "_log_context")  # ln(baseline / CF), seed by seed
+        # CF / baseline: exp of minus the difference, so its bounds swap
+        mean, lo, hi = (math.exp(-v) if math.isfinite(v) else v for v in (iv.mean, iv.hi, iv.lo))
+        ratio = seedstats.Interval(mean, lo, hi, iv.n)
+        result = _too_few(iv.n) or (
+            "holds" if ratio.lo >= GOAL else "fails" if ratio.hi < GOAL else "cannot tell")
         c1.append(result)
         detail.append(_row(scheme, "C1", f"{REFERENCE} / {b}", "effective context ratio (x)", ratio, ".1f",
                            result))
@@ -153,7 +158,7 @@ def decide(seeds: pd.DataFrame, scheme: str) -> tuple[pd.DataFrame, pd.DataFrame
     price = [c for c in seeds.columns if str(c).startswith("bench/realism_fd_")] + list(PRICE)
     for b in BASELINES:
         for m in (c for c in price if c in seeds):
-            iv = seedstats.interval(_pairs(seeds, b, m)) if b in have else NONE
+            iv = _diff(seeds, b, m)
             name = m.removeprefix("bench/")
             detail.append(_row(scheme, "C4 (price)", f"{b} - {REFERENCE}", name, iv, ".2f"))
     return pd.DataFrame(verdicts), pd.DataFrame(detail)
