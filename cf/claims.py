@@ -103,8 +103,6 @@ def _first_frame_column(seeds: pd.DataFrame) -> str | None:
     return "bench/" + series[backbone][-1][1]
 
 
-
-
 def _row(scheme, claim, comparison, measure, iv: seedstats.Interval, spec, result="", scale=1.0) -> dict:
     return {"scheme": scheme, "claim": claim, "comparison": comparison, "measure": measure, "pairs": iv.n,
             "mean": iv.mean, "lo": iv.lo, "hi": iv.hi, "shown_x": scale, "text": iv.text(spec, scale),
@@ -129,7 +127,8 @@ def decide(seeds: pd.DataFrame, scheme: str) -> tuple[pd.DataFrame, pd.DataFrame
     c1 = []
     fps = seeds["data.fps"].dropna() if "data.fps" in seeds else ()
     floor = resolution_s(float(fps.iloc[0])) if len(fps) else 0.0
-    logs = seeds.assign(_log_context=[math.log(max(x, floor)) for x in seeds[CONTEXT]]) if floor else seeds
+    logs = seeds.assign(_log_context=[math.log(max(x, floor)) for x in seeds[CONTEXT]]) \
+        if floor and CONTEXT in seeds else seeds  # no context column: every C1 comparison is "not run"
     for b in BASELINES:
         iv = _diff(logs, b, "_log_context")  # ln(baseline / CF), seed by seed
         # CF / baseline: exp of minus the difference, so its bounds swap

@@ -98,6 +98,10 @@ def test_one_seed_or_a_missing_cell_decides_nothing():
     df = grid()
     v = verdicts(df[df["variant"] != "cf_short"])
     assert v["C2"].startswith("not decided") and v["C3"] == "cannot tell"
+    # a grid whose benchmark never measured the effective context: C1 is not run, the others still decided
+    _, d = claims.decide(grid().drop(columns=[claims.CONTEXT]), "world")
+    c1 = d[d["measure"] == "effective context ratio (x)"]
+    assert len(c1) == 3 and (c1["outcome"] == "not run").all()
 
 
 def test_write_verdicts_puts_both_schemes_side_by_side(tmp_path):
